@@ -1,0 +1,1 @@
+"""memsnap operator: PodCheckpoint and PodMigration custom resources (kopf)."""
