@@ -1,0 +1,94 @@
+"""What every tracking backend provides, for one process (one mm)."""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from .. import procfs
+from ..procfs import Mapping
+from .pages import PageRanges
+from .vmas import VmaEvent, VmaSelection, diff, ranges_of
+
+
+class TrackingError(Exception):
+    """Tracking cannot start or go on; the message names the missing feature or permission."""
+
+
+class TargetGone(TrackingError):
+    """The target exited (or exec'd, when raised by a backend that cannot follow exec)."""
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str
+
+
+@dataclass
+class ProcessSample:
+    """One process's result for one round."""
+
+    pid: int
+    dirty: PageRanges
+    tracked: list[Mapping]
+    events: list[VmaEvent] = field(default_factory=list)
+    lost: bool = False  # the backend lost information and over-reported to stay exact
+    skipped: dict[str, str] = field(default_factory=dict)  # "start-end" -> why not tracked
+
+    @property
+    def tracked_bytes(self) -> int:
+        return sum(m.size for m in self.tracked)
+
+
+class Backend(abc.ABC):
+    """Tracks one process. arm() once, collect() each round, close() at the end.
+
+    collect() returns the pages written since the previous arm()/collect() and re-arms them, so
+    that every write lands in exactly one round. A backend must never under-report: when it
+    cannot tell, it reports more.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, pid: int, selection: VmaSelection):
+        self.pid = pid
+        self.selection = selection
+        self.starttime = procfs.read_stat(pid).starttime if procfs.alive(pid) else 0
+        self.tracked: list[Mapping] = []
+        self.skipped: dict[str, str] = {}
+
+    @classmethod
+    @abc.abstractmethod
+    def availability(cls) -> Availability:
+        """Whether this kernel (and this agent's privileges) can run the backend at all."""
+
+    @abc.abstractmethod
+    def arm(self) -> PageRanges:
+        """Start tracking; returns the pages that hold data now (the baseline a full dump needs)."""
+
+    @abc.abstractmethod
+    def collect(self) -> ProcessSample:
+        """Pages written since the last arm()/collect(), atomically re-armed."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop tracking and leave the target exactly as it was. Idempotent."""
+
+    # Shared helpers
+
+    def refresh_vmas(self) -> tuple[list[Mapping], list[VmaEvent]]:
+        """The selected VMAs now, and how they changed since the last call."""
+        try:
+            now = self.selection.select(self.pid)
+        except (FileNotFoundError, ProcessLookupError):
+            raise TargetGone(f"pid {self.pid} exited") from None
+        events = diff(self.tracked, now)
+        return now, events
+
+    def tracked_ranges(self) -> PageRanges:
+        return ranges_of(self.tracked)
+
+    def check_alive(self) -> None:
+        if not procfs.alive(self.pid, self.starttime):
+            raise TargetGone(f"pid {self.pid} exited")

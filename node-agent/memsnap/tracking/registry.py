@@ -1,0 +1,74 @@
+"""The backends by name, choosing one for a target, and cleaning a killed tracker's leftovers."""
+from __future__ import annotations
+
+from .base import Availability, Backend, TrackingError
+from .soft_dirty import SoftDirty
+from .state import unowned_states
+from .uffd_wp import UffdWp, release_stale
+from .vmas import VmaSelection
+
+#: In order of preference for "auto": exact and freeze-free first.
+BACKENDS: dict[str, type[Backend]] = {"uffd-wp": UffdWp, "soft-dirty": SoftDirty}
+NAMES = ("auto", "uffd-wp", "soft-dirty", "tracepoint")
+
+
+def availability(name: str) -> Availability:
+    if name not in BACKENDS:
+        return Availability(False, f"the {name} backend needs a kernel with memsnap's write-event "
+                                   "patch (kernel/), not present here")
+    return BACKENDS[name].availability()
+
+
+def explain() -> dict[str, Availability]:
+    return {name: availability(name) for name in NAMES if name != "auto"}
+
+
+def arm(pid: int, backend: str, selection: VmaSelection) -> tuple[Backend, object, str]:
+    """Start tracking pid with the named backend, or the best one that works for "auto".
+
+    Returns (backend, baseline pages, why this backend).
+    """
+    if backend not in NAMES:
+        raise TrackingError(f"unknown backend {backend!r} (choose from {', '.join(NAMES)})")
+    candidates = list(BACKENDS) if backend == "auto" else [backend]
+    reasons = []
+    for name in candidates:
+        avail = availability(name)
+        if not avail.ok:
+            reasons.append(f"{name}: {avail.reason}")
+            continue
+        tracker = BACKENDS[name](pid, selection)
+        try:
+            baseline = tracker.arm()
+        except TrackingError as exc:
+            if backend != "auto" or _fatal(exc):
+                raise
+            reasons.append(f"{name}: {exc}")
+            continue
+        why = avail.reason if not reasons else f"{avail.reason} (not: {'; '.join(reasons)})"
+        return tracker, baseline, why
+    raise TrackingError("no backend can track pid %d: %s" % (pid, "; ".join(reasons)))
+
+
+def _fatal(exc: TrackingError) -> bool:
+    """Errors no other backend would get past."""
+    text = str(exc)
+    return text.startswith("no process") or "exited" in text or "already tracked" in text
+
+
+def recover() -> list[str]:
+    """Clean targets left armed by trackers that were killed; returns what was done."""
+    done = []
+    for claim, state in unowned_states():
+        try:
+            if state.mode == "active" and state.backend == UffdWp.name:
+                release_stale(state)
+                done.append(f"cleaned pid {state.pid} left armed by killed tracker {state.owner_pid}")
+            if state.mode == "active":
+                claim.release()
+            else:
+                claim.release(keep_state=True)  # parked on purpose: a chain will resume it
+        except Exception:
+            claim.release(keep_state=True)
+            raise
+    return done

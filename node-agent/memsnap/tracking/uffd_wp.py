@@ -1,0 +1,346 @@
+"""uffd-wp backend: userfaultfd write-protect in async mode, read and re-armed by PAGEMAP_SCAN.
+
+The agent injects userfaultfd() into the target (the fd must belong to the target's mm), takes
+a duplicate with pidfd_getfd, and from then on works from outside: it registers the tracked
+VMAs in write-protect mode; the kernel resolves each first write itself (WP_ASYNC: the target
+never blocks) and clears the page's protection; PAGEMAP_SCAN with PM_SCAN_WP_MATCHING reports
+the unprotected ("written") pages and protects them again in one atomic walk.
+"""
+from __future__ import annotations
+
+import errno
+import os
+
+from .. import procfs, remote
+from ..kernel import pagemap, pidfd, seccomp, userfaultfd as uffd
+from ..kernel.pagemap import (PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN,
+                              PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING)
+from ..procfs import Mapping
+from .base import Availability, Backend, ProcessSample, TargetGone, TrackingError
+from .pages import PageRanges
+from .state import Claim, TargetState
+from .vmas import VmaEvent, VmaSelection, ranges_of
+
+UFFD_LINK = "anon_inode:[userfaultfd]"
+_ALLOWED = (seccomp.RET_ALLOW, seccomp.RET_LOG)
+
+
+class UffdWp(Backend):
+    name = "uffd-wp"
+
+    def __init__(self, pid: int, selection: VmaSelection):
+        super().__init__(pid, selection)
+        self._claim: Claim | None = None
+        self._target_fd = -1  # the injected userfaultfd, in the target's fd table
+        self._uffd = -1  # our duplicate of it
+        self._pagemap = -1
+        self._scanner: pagemap.Scanner | None = None
+
+    @classmethod
+    def availability(cls) -> Availability:
+        from ..kernel.arch import ARCH
+        if not ARCH.can_inject:
+            return Availability(False, f"userfaultfd injection is not implemented on {ARCH.name}")
+        if not pagemap.scan_supported():
+            return Availability(False, "the kernel lacks the PAGEMAP_SCAN ioctl (Linux 6.7+)")
+        try:
+            features = _probe_features()
+        except OSError as exc:
+            return Availability(False, f"userfaultfd unavailable: {exc.strerror} "
+                                       "(CONFIG_USERFAULTFD off, or blocked by seccomp)")
+        if features & uffd.TRACKING_FEATURES != uffd.TRACKING_FEATURES:
+            return Availability(False, "userfaultfd lacks WP_ASYNC/WP_UNPOPULATED "
+                                       "(Linux 6.7+ with CONFIG_PTE_MARKER_UFFD_WP)")
+        return Availability(True, "userfaultfd async write-protect and PAGEMAP_SCAN present")
+
+    # Lifecycle
+
+    def arm(self) -> PageRanges:
+        self._claim = Claim(self.pid, self.starttime)
+        try:
+            return self._arm_fresh()
+        except BaseException:
+            self.close()
+            raise
+
+    def _arm_fresh(self) -> PageRanges:
+        self._open_pagemap()
+        foreign = procfs.fds_pointing_to(self.pid, UFFD_LINK)
+        if foreign:
+            raise TrackingError(f"pid {self.pid} already uses userfaultfd (fd {foreign[0]}); "
+                                "uffd-wp tracking would conflict with it")
+        self._inject()
+        self._save_state()
+        self._close_inherited_copies([self.pid] + procfs.descendants(self.pid))
+        now, _ = self.refresh_vmas()
+        baseline = self._start_tracking(now, PageRanges())
+        self.tracked = [m for m in now if _key(m) not in self.skipped]
+        return baseline
+
+    def collect(self) -> ProcessSample:
+        if not self._mm_alive():
+            return self._rearm_after_exec()
+        now, events = self.refresh_vmas()
+        known = self.tracked_ranges()
+        dirty: list[PageRanges] = []
+        fresh: list[Mapping] = []
+        for m in now:
+            armed = known.intersection(PageRanges([(m.start, m.end)]))
+            try:
+                dirty += [self._scan_written(start, end) for start, end in armed]
+            except OSError as exc:
+                if exc.errno != errno.EPERM:
+                    raise
+                # CHECK_WPASYNC: part of this range is no longer registered, so the VMA was
+                # replaced behind our back (munmap + mmap at the same place): start it afresh.
+                known = known.difference(PageRanges([(m.start, m.end)]))
+                events.append(VmaEvent("replaced", m.start, m.end, m.path))
+            if not known.covers(m.start, m.end):
+                fresh.append(m)
+        dirty.append(self._start_tracking(fresh, known))
+        self.tracked = [m for m in now if _key(m) not in self.skipped]
+        return ProcessSample(self.pid, PageRanges().union(*dirty), self.tracked, events,
+                             skipped=dict(self.skipped))
+
+    def close(self) -> None:
+        """Unregister every armed VMA, close the injected fd in the target (and in children
+        that inherited it), then drop our own descriptors."""
+        try:
+            if self._uffd >= 0 and procfs.alive(self.pid, self.starttime):
+                release_target(self.pid, self._uffd, self._target_fd)
+        finally:
+            self._drop_fds()
+            if self._claim is not None:
+                self._claim.release()
+                self._claim = None
+
+    def park(self) -> None:
+        """Leave the target armed for a later resume() (the layers of a checkpoint chain)."""
+        state = self._state("parked")
+        state.ranges = [list(r) for r in self.tracked_ranges()]
+        self._claim.save(state)
+        self._drop_fds()
+        self._claim.release(keep_state=True)
+        self._claim = None
+
+    @classmethod
+    def resume(cls, pid: int, selection: VmaSelection) -> UffdWp:
+        """Take over a parked target: its writes since park() are reported by the next collect()."""
+        self = cls(pid, selection)
+        self._claim = Claim(pid, self.starttime)
+        try:
+            state = self._claim.load()
+            if state is None or state.mode != "parked" or state.backend != cls.name:
+                raise TrackingError(f"pid {pid} has no parked {cls.name} tracking to resume")
+            self._target_fd = state.target_fd
+            self._uffd = _dup_target_fd(pid, state.target_fd)
+            self._open_pagemap()
+            armed = PageRanges(tuple(r) for r in state.ranges)
+            self.tracked = [m for m in self.selection.select(pid) if armed.covers(m.start, m.end)]
+            self._save_state()
+            return self
+        except BaseException:
+            self.close()
+            raise
+
+    # Steps
+
+    def _open_pagemap(self) -> None:
+        try:
+            self._pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except PermissionError:
+            raise TrackingError(f"not permitted to read pid {self.pid}'s page tables: "
+                                "needs root or CAP_SYS_PTRACE") from None
+        except FileNotFoundError:
+            raise TargetGone(f"no process with pid {self.pid}") from None
+        self._scanner = pagemap.Scanner(self._pagemap)
+
+    def _inject(self) -> None:
+        flags = uffd.O_CLOEXEC | uffd.O_NONBLOCK
+        status = procfs.read_status(self.pid)
+        if not procfs.has_capability(status, procfs.CAP_SYS_PTRACE) and not _unprivileged_allowed():
+            # Without CAP_SYS_PTRACE the target may only create a user-mode-only userfaultfd.
+            # Writes the kernel makes on its behalf (read() into tracked memory) still count.
+            flags |= uffd.UFFD_USER_MODE_ONLY
+        try:
+            with remote.Session(self.pid) as session:
+                for call, args in (("userfaultfd", (flags,)), ("close", (0,))):
+                    action = session.seccomp_verdict(call, *args)
+                    if action not in _ALLOWED:
+                        raise TrackingError(
+                            f"pid {self.pid}'s seccomp filter would {seccomp.ACTION_NAMES.get(action, hex(action))} "
+                            f"on {call}(); uffd-wp tracking cannot inject it")
+                fd = session.call("userfaultfd", flags)
+                if fd == -errno.EPERM and not flags & uffd.UFFD_USER_MODE_ONLY:
+                    flags |= uffd.UFFD_USER_MODE_ONLY
+                    fd = session.call("userfaultfd", flags)
+        except remote.RemoteError as exc:
+            raise TrackingError(str(exc)) from None
+        if fd < 0:
+            raise TrackingError(f"userfaultfd() in pid {self.pid} failed: {os.strerror(-fd)}")
+        self._target_fd = fd
+        try:
+            self._uffd = _dup_target_fd(self.pid, fd)
+            uffd.api(self._uffd, uffd.TRACKING_FEATURES | _shmem_feature())
+        except OSError as exc:
+            release_target(self.pid, self._uffd, fd)
+            self._target_fd = self._uffd = -1
+            raise TrackingError(f"cannot set up userfaultfd for pid {self.pid}: {exc}") from None
+
+    def _start_tracking(self, maps: list[Mapping], known: PageRanges) -> PageRanges:
+        """Register and write-protect the parts of `maps` not yet armed; returns their pages
+        with data (all of it counts as written: it appeared since the last look)."""
+        found = []
+        for m in maps:
+            try:
+                uffd.register_wp(self._uffd, m.start, m.end)
+            except OSError as exc:
+                self.skipped[_key(m)] = f"{m.kind} mapping {m.path or '(anon)'}: {exc.strerror}"
+                continue
+            self.skipped.pop(_key(m), None)
+            for start, end in PageRanges([(m.start, m.end)]).difference(known):
+                # Protect first, then look: a write in between is reported twice, never lost.
+                uffd.write_protect(self._uffd, start, end)
+                found.append(self._present(start, end))
+        return PageRanges().union(*found)
+
+    def _scan_written(self, start: int, end: int) -> PageRanges:
+        return PageRanges((s, e) for s, e, _ in self._scanner.scan(
+            start, end, flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+            category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN))
+
+    def _present(self, start: int, end: int) -> PageRanges:
+        mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
+        return PageRanges((s, e) for s, e, _ in self._scanner.scan(
+            start, end, anyof_mask=mask, return_mask=mask))
+
+    def _mm_alive(self) -> bool:
+        """False once the mm we armed is gone: the target exec'd or exited."""
+        try:
+            return len(os.pread(self._pagemap, 8, 0)) == 8
+        except OSError:
+            return False
+
+    def _rearm_after_exec(self) -> ProcessSample:
+        self.check_alive()
+        old = self.tracked
+        self._drop_fds()  # the old mm is gone, and with it every registration
+        self.tracked, self.skipped = [], {}
+        baseline = self._arm_fresh()
+        events = [VmaEvent("exec", 0, 0, procfs.read_stat(self.pid).comm)]
+        events += [VmaEvent("removed", m.start, m.end, m.path) for m in old]
+        events += [VmaEvent("added", m.start, m.end, m.path) for m in self.tracked]
+        return ProcessSample(self.pid, baseline, self.tracked, events, skipped=dict(self.skipped))
+
+    def _close_inherited_copies(self, pids: list[int]) -> None:
+        for pid in pids:
+            close_copies(pid, self._uffd, skip_fd=self._target_fd if pid == self.pid else -1)
+
+    def _state(self, mode: str) -> TargetState:
+        return TargetState(self.pid, self.starttime, self.name, mode, target_fd=self._target_fd)
+
+    def _save_state(self) -> None:
+        self._claim.save(self._state("active"))
+
+    def _drop_fds(self) -> None:
+        for fd in (self._uffd, self._pagemap):
+            if fd >= 0:
+                os.close(fd)
+        self._uffd = self._pagemap = -1
+        self._scanner = None
+
+
+def release_target(pid: int, our_fd: int, target_fd: int) -> None:
+    """Undo everything memsnap put in the target: protection, registrations, the fd and its
+    inherited copies in descendants. Also how a killed tracker's leftovers are cleaned."""
+    try:
+        armed = [m for m, flags in procfs.read_vmflags(pid) if "uw" in flags]
+    except (FileNotFoundError, ProcessLookupError):
+        return
+    for m in armed:
+        try:
+            uffd.unregister(our_fd, m.start, m.end)  # also clears the pages' write-protection
+        except OSError:
+            pass  # not ours, or gone meanwhile
+    for p in [pid] + procfs.descendants(pid):
+        close_copies(p, our_fd)
+
+
+def close_copies(pid: int, our_fd: int, skip_fd: int = -1) -> None:
+    """Close, inside pid, every descriptor that is the same open file as our_fd."""
+    mine = os.getpid()
+    theirs = [fd for fd in procfs.fds_pointing_to(pid, UFFD_LINK)
+              if fd != skip_fd and _same_file(mine, our_fd, pid, fd)]
+    if not theirs:
+        return
+    try:
+        with remote.Session(pid) as session:
+            for fd in theirs:
+                session.call("close", fd)
+    except (remote.RemoteError, ProcessLookupError):
+        pass  # the process is exiting: its descriptors go with it
+
+
+def release_stale(state: TargetState) -> None:
+    """Clean a target left armed by a tracker that was killed."""
+    try:
+        our_fd = _dup_target_fd(state.pid, state.target_fd)
+    except TrackingError:
+        return  # the fd is gone (the target closed it or exec'd): nothing is left armed
+    try:
+        release_target(state.pid, our_fd, state.target_fd)
+    finally:
+        os.close(our_fd)
+
+
+def _dup_target_fd(pid: int, target_fd: int) -> int:
+    if procfs.fd_target(pid, target_fd) != UFFD_LINK:
+        raise TrackingError(f"pid {pid}'s fd {target_fd} is no longer a userfaultfd")
+    pfd = pidfd.pidfd_open(pid)
+    try:
+        return pidfd.pidfd_getfd(pfd, target_fd)
+    except PermissionError:
+        raise TrackingError(f"not permitted to take pid {pid}'s fd (pidfd_getfd): needs root "
+                            "or CAP_SYS_PTRACE") from None
+    finally:
+        os.close(pfd)
+
+
+def _same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
+    try:
+        return pidfd.same_file(pid1, fd1, pid2, fd2)
+    except OSError:
+        return False
+
+
+def _probe_features() -> int:
+    try:
+        fd = uffd.create(uffd.O_CLOEXEC | uffd.O_NONBLOCK)
+    except PermissionError:
+        fd = uffd.create(uffd.O_CLOEXEC | uffd.O_NONBLOCK | uffd.UFFD_USER_MODE_ONLY)
+    try:
+        return uffd.api(fd, 0)
+    finally:
+        os.close(fd)
+
+
+_features_cache: list[int] = []
+
+
+def _shmem_feature() -> int:
+    """WP on shmem/hugetlbfs, when the kernel has it (needed for shared-* VMA kinds)."""
+    if not _features_cache:
+        _features_cache.append(_probe_features())
+    return _features_cache[0] & uffd.FEATURE_WP_HUGETLBFS_SHMEM
+
+
+def _unprivileged_allowed() -> bool:
+    try:
+        with open("/proc/sys/vm/unprivileged_userfaultfd") as f:
+            return f.read().strip() == "1"
+    except OSError:
+        return False
+
+
+def _key(m: Mapping) -> str:
+    return f"{m.start:x}-{m.end:x}"
