@@ -12,7 +12,6 @@ import sys
 COMMANDS = [
     "memsnap.commands.track",
     "memsnap.commands.untrack",
-    "memsnap.commands.demo",
 ]
 
 

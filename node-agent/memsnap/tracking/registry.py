@@ -1,6 +1,8 @@
 """The backends by name, choosing one for a target, and cleaning a killed tracker's leftovers."""
 from __future__ import annotations
 
+import os
+
 from .base import Availability, Backend, TrackingError
 from .soft_dirty import SoftDirty
 from .state import unowned_states
@@ -30,6 +32,7 @@ def arm(pid: int, backend: str, selection: VmaSelection) -> tuple[Backend, objec
     """
     if backend not in NAMES:
         raise TrackingError(f"unknown backend {backend!r} (choose from {', '.join(NAMES)})")
+    check_access(pid)
     candidates = list(BACKENDS) if backend == "auto" else [backend]
     reasons = []
     for name in candidates:
@@ -48,6 +51,17 @@ def arm(pid: int, backend: str, selection: VmaSelection) -> tuple[Backend, objec
         why = avail.reason if not reasons else f"{avail.reason} (not: {'; '.join(reasons)})"
         return tracker, baseline, why
     raise TrackingError("no backend can track pid %d: %s" % (pid, "; ".join(reasons)))
+
+
+def check_access(pid: int) -> None:
+    """Every backend reads the target's page tables: fail early, and say why, if we may not."""
+    try:
+        os.close(os.open(f"/proc/{pid}/pagemap", os.O_RDONLY))
+    except FileNotFoundError:
+        raise TrackingError(f"no process with pid {pid}") from None
+    except PermissionError:
+        raise TrackingError(f"not permitted to track pid {pid}: needs root, or CAP_SYS_PTRACE "
+                            "over the target") from None
 
 
 def _fatal(exc: TrackingError) -> bool:

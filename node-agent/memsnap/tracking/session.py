@@ -89,6 +89,7 @@ class TrackSession:
         return first.name if first else self.backend_name
 
     def start(self) -> dict[int, PageRanges]:
+        registry.check_access(self.pid)
         registry.recover()
         tracker, baseline, self.why = registry.arm(self.pid, self.backend_name, self.selection)
         self.trackers[self.pid] = tracker

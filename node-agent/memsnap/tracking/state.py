@@ -19,7 +19,10 @@ from .base import TrackingError
 
 def state_dir() -> Path:
     path = Path(os.environ.get("MEMSNAP_RUN_DIR", "/run/memsnap")) / "tracking"
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except PermissionError:
+        raise TrackingError(f"not permitted to write {path}: memsnap's tracker runs as root") from None
     return path
 
 

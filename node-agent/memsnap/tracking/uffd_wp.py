@@ -65,13 +65,16 @@ class UffdWp(Backend):
 
     def _arm_fresh(self) -> PageRanges:
         self._open_pagemap()
-        foreign = procfs.fds_pointing_to(self.pid, UFFD_LINK)
+        ours = procfs.fds_pointing_to(os.getpid(), UFFD_LINK)  # every target this process tracks
+        foreign = [fd for fd in procfs.fds_pointing_to(self.pid, UFFD_LINK)
+                   if not any(_same_file(os.getpid(), mine, self.pid, fd) for mine in ours)]
         if foreign:
             raise TrackingError(f"pid {self.pid} already uses userfaultfd (fd {foreign[0]}); "
                                 "uffd-wp tracking would conflict with it")
         self._inject()
         self._save_state()
-        self._close_inherited_copies([self.pid] + procfs.descendants(self.pid))
+        # A forked child of a tracked process holds a copy of its parent's injected fd.
+        close_copies(self.pid, ours, skip_fd=self._target_fd)
         now, _ = self.refresh_vmas()
         baseline = self._start_tracking(now, PageRanges())
         self.tracked = [m for m in now if _key(m) not in self.skipped]
@@ -199,9 +202,7 @@ class UffdWp(Backend):
                 continue
             self.skipped.pop(_key(m), None)
             for start, end in PageRanges([(m.start, m.end)]).difference(known):
-                # Protect first, then look: a write in between is reported twice, never lost.
-                uffd.write_protect(self._uffd, start, end)
-                found.append(self._present(start, end))
+                found.append(self._protect_and_list(start, end))
         return PageRanges().union(*found)
 
     def _scan_written(self, start: int, end: int) -> PageRanges:
@@ -209,10 +210,20 @@ class UffdWp(Backend):
             start, end, flags=PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
             category_mask=PAGE_IS_WRITTEN, return_mask=PAGE_IS_WRITTEN))
 
-    def _present(self, start: int, end: int) -> PageRanges:
-        mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
+    def _protect_and_list(self, start: int, end: int) -> PageRanges:
+        """Write-protect [start, end) and return its pages that hold data.
+
+        Protection markers on never-populated pages read as "swapped" in pagemap, so swapped
+        pages are listed before protecting, present ones after: a page populated in between
+        is present afterwards, and every write after protecting is caught by the next round.
+        """
+        swapped_or_present = self._pages_with(PAGE_IS_PRESENT | PAGE_IS_SWAPPED, start, end)
+        uffd.write_protect(self._uffd, start, end)
+        return swapped_or_present.union(self._pages_with(PAGE_IS_PRESENT, start, end))
+
+    def _pages_with(self, anyof: int, start: int, end: int) -> PageRanges:
         return PageRanges((s, e) for s, e, _ in self._scanner.scan(
-            start, end, anyof_mask=mask, return_mask=mask))
+            start, end, anyof_mask=anyof, return_mask=anyof))
 
     def _mm_alive(self) -> bool:
         """False once the mm we armed is gone: the target exec'd or exited."""
@@ -231,10 +242,6 @@ class UffdWp(Backend):
         events += [VmaEvent("removed", m.start, m.end, m.path) for m in old]
         events += [VmaEvent("added", m.start, m.end, m.path) for m in self.tracked]
         return ProcessSample(self.pid, baseline, self.tracked, events, skipped=dict(self.skipped))
-
-    def _close_inherited_copies(self, pids: list[int]) -> None:
-        for pid in pids:
-            close_copies(pid, self._uffd, skip_fd=self._target_fd if pid == self.pid else -1)
 
     def _state(self, mode: str) -> TargetState:
         return TargetState(self.pid, self.starttime, self.name, mode, target_fd=self._target_fd)
@@ -263,14 +270,14 @@ def release_target(pid: int, our_fd: int, target_fd: int) -> None:
         except OSError:
             pass  # not ours, or gone meanwhile
     for p in [pid] + procfs.descendants(pid):
-        close_copies(p, our_fd)
+        close_copies(p, [our_fd])
 
 
-def close_copies(pid: int, our_fd: int, skip_fd: int = -1) -> None:
-    """Close, inside pid, every descriptor that is the same open file as our_fd."""
+def close_copies(pid: int, our_fds: list[int], skip_fd: int = -1) -> None:
+    """Close, inside pid, every descriptor that is the same open file as one of our_fds."""
     mine = os.getpid()
     theirs = [fd for fd in procfs.fds_pointing_to(pid, UFFD_LINK)
-              if fd != skip_fd and _same_file(mine, our_fd, pid, fd)]
+              if fd != skip_fd and any(_same_file(mine, ours, pid, fd) for ours in our_fds)]
     if not theirs:
         return
     try:

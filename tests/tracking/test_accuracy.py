@@ -1,0 +1,104 @@
+"""Tracked pages are exactly the pages a real process wrote, for every backend this kernel has."""
+from __future__ import annotations
+
+import pytest
+
+from memsnap.tracking import TrackingError, open_session
+from memsnap.tracking.registry import availability
+
+BACKENDS = ["uffd-wp", "soft-dirty"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    avail = availability(request.param)
+    if not avail.ok:
+        pytest.skip(f"{request.param} unavailable here: {avail.reason}")
+    return request.param
+
+
+def dirty_in_region(session, w) -> set[int]:
+    r = session.round()
+    return w.in_region(addr for s in r.samples if s.pid == w.pid for addr in s.dirty.addresses())
+
+
+def test_reports_exactly_the_written_pages(workload, backend):
+    w = workload(mib=16)
+    with open_session(w.pid, backend) as session:
+        session.start()
+        assert dirty_in_region(session, w) == set()
+        w.send("write 0 100")
+        assert dirty_in_region(session, w) == w.pages(0, 100)
+        w.send("write 50 200")
+        w.send("write 3000 10 7")
+        assert dirty_in_region(session, w) == w.pages(50, 200) | w.pages(3000, 10, 7)
+        assert dirty_in_region(session, w) == set()
+
+
+def test_baseline_holds_the_pages_with_data(workload, backend):
+    w = workload(mib=16)
+    w.send("write 10 30")
+    with open_session(w.pid, backend) as session:
+        baseline = w.in_region(session.start()[w.pid].addresses())
+    written = w.pages(10, 30)
+    assert written <= baseline
+    # A first write may fault in a whole transparent huge page: present, though zero.
+    huge = 2 << 20
+    assert {a // huge for a in baseline} == {a // huge for a in written}
+
+
+def test_multithreaded_writes(workload, backend):
+    w = workload(mib=16)
+    with open_session(w.pid, backend) as session:
+        session.start()
+        w.send("threads 100 2000 4")
+        assert dirty_in_region(session, w) == w.pages(100, 2000)
+
+
+def test_kernel_writes_into_tracked_memory(workload, backend):
+    w = workload(mib=16)
+    with open_session(w.pid, backend) as session:
+        session.start()
+        w.send("readinto 500 20")
+        assert dirty_in_region(session, w) == w.pages(500, 20)
+
+
+def test_unprivileged_target(workload, backend):
+    w = workload(mib=16, user="nobody")
+    with open_session(w.pid, backend) as session:
+        session.start()
+        w.send("write 7 70")
+        w.send("readinto 1000 5")
+        assert dirty_in_region(session, w) == w.pages(7, 70) | w.pages(1000, 5)
+
+
+def test_new_and_removed_vmas_are_followed(workload, backend):
+    w = workload(mib=4)
+    with open_session(w.pid, backend) as session:
+        session.start()
+        addr = int(w.send("map 64"))
+        r = session.round()
+        added = [e for s in r.samples for e in s.events if e.kind == "added" and e.start == addr]
+        assert added, r.as_json()["events"]
+        dirty = {a for s in r.samples for a in s.dirty.addresses()}
+        assert {addr + i * w.page for i in range(64)} <= dirty
+        w.send("unmap")
+        r = session.round()
+        assert any(e.kind == "removed" and e.start == addr for s in r.samples for e in s.events)
+        assert r.as_json()["vmas_removed"] >= 1
+
+
+def test_region_replaced_behind_the_trackers_back(workload, backend):
+    w = workload(mib=4)
+    with open_session(w.pid, backend) as session:
+        session.start()
+        w.send("remap 0 16")
+        assert w.pages(0, 16) <= dirty_in_region(session, w)
+        w.send("write 2 3")
+        assert dirty_in_region(session, w) == w.pages(2, 3)
+
+
+def test_unknown_backend_is_refused(workload):
+    w = workload(mib=1)
+    with pytest.raises(TrackingError, match="unknown backend 'nope'"):
+        open_session(w.pid, "nope").start()
