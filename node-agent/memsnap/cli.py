@@ -9,14 +9,14 @@ import argparse
 import importlib
 import sys
 
+from memsnap.errors import UsageError  # noqa: F401  (commands raise it from here)
+
 COMMANDS = [
     "memsnap.commands.track",
     "memsnap.commands.untrack",
+    "memsnap.commands.backends",
+    "memsnap.commands.demo",
 ]
-
-
-class UsageError(Exception):
-    """Bad input from the user: printed as one line, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ import sys
 import threading
 import time
 
-from ..cli import UsageError
+from ..errors import UsageError
 from ..tracking import Round, TrackingError, VmaSelection, open_session
 from ..tracking.base import TargetGone
 from ..tracking.registry import NAMES

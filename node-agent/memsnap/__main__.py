@@ -1,0 +1,5 @@
+import sys
+
+from memsnap.cli import main
+
+sys.exit(main())
