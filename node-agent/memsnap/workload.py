@@ -19,6 +19,7 @@ one per line, each with one line on stdout ("ok ..." or "error ..."):
     remap FIRST COUNT            mmap(MAP_FIXED) fresh memory over those pages of the region
                                  (the old VMA is replaced behind any tracker's back) and fill it
     seccomp-deny NAME ACTION     install a seccomp filter: syscall NAME gets errno|kill
+    bench SECONDS                write pages in a loop over the region for SECONDS: "ok PAGES"
     exit
 """
 from __future__ import annotations
@@ -62,6 +63,19 @@ class Region:
         finally:
             os.close(r)
             os.close(w)
+
+
+def write_for(region: Region, seconds: float) -> int:
+    """Write one byte per page, page after page round the region; returns pages written."""
+    pages, mem, written = region.size // PAGE, region.mem, 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for page in range(0, pages, 1) if written == 0 else range(pages):
+            mem[page * PAGE] = 1
+            written += 1
+            if written % 4096 == 0 and time.monotonic() >= end:
+                return written
+    return written
 
 
 def churn(region: Region, rate: float, seconds: float) -> None:
@@ -165,6 +179,8 @@ def handle(region: Region, words: list[str]) -> str:
     elif cmd == "seccomp-deny":
         _seccomp_deny(SYSCALLS[words[1]], words[2])
         return "ok"
+    elif cmd == "bench":
+        return f"ok {write_for(region, args[0])}"
     elif cmd == "checksum":
         return "ok " + hashlib.sha256(region.mem).hexdigest()
     elif cmd == "exit":

@@ -1,0 +1,1 @@
+"""memsnap benchmarks: `python -m bench` (or `make bench`). Each prints ratios measured side by side."""

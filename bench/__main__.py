@@ -1,0 +1,33 @@
+"""Run every benchmark and print its table: python -m bench [--max-mib N] [--only NAME]."""
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+
+from memsnap.tracking.registry import explain
+
+from . import accuracy, scan_cost, slowdown
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench")
+    p.add_argument("--max-mib", type=int, default=4096, help="largest region for the scan-cost benchmark")
+    p.add_argument("--only", choices=["scan", "slowdown", "accuracy"])
+    args = p.parse_args()
+    backends = ", ".join(name for name, a in explain().items() if a.ok)
+    print(f"# memsnap benchmarks, {time.strftime('%Y-%m-%d')}, Linux {platform.release()}, "
+          f"backends here: {backends}\n")
+    if args.only in (None, "scan"):
+        print("## 1. read-and-rearm (uffd-wp + PAGEMAP_SCAN) vs hashing every page, 1 % written\n")
+        print(scan_cost.run(args.max_mib), "\n")
+    if args.only in (None, "slowdown"):
+        print("## 2. workload slowdown, writing round a 256 MiB region\n")
+        print(slowdown.run(), "\n")
+    if args.only in (None, "accuracy"):
+        print("## 3. accuracy on known write patterns\n")
+        print(accuracy.run(), "\n")
+
+
+if __name__ == "__main__":
+    main()
