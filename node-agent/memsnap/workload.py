@@ -16,6 +16,8 @@ one per line, each with one line on stdout ("ok ..." or "error ..."):
     checksum                     "ok HEX" of the whole region
     map PAGES                    map (and fill) a new private anonymous VMA: "ok ADDR"
     unmap                        unmap the VMA made by the last map
+    grow PAGES                   mremap the last map to PAGES pages (in place or moved) and
+                                 write every page: "ok ADDR"
     remap FIRST COUNT            mmap(MAP_FIXED) fresh memory over those pages of the region
                                  (the old VMA is replaced behind any tracker's back) and fill it
     seccomp-deny NAME ACTION     install a seccomp filter: syscall NAME gets errno|kill
@@ -163,6 +165,15 @@ def handle(region: Region, words: list[str]) -> str:
         extra = mmap.mmap(-1, args[0] * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         extra.write(b"m" * len(extra))
         region.extra.append(extra)
+        view = ctypes.c_char.from_buffer(extra)
+        addr = ctypes.addressof(view)
+        del view
+        return f"ok {addr}"
+    elif cmd == "grow":
+        extra = region.extra[-1]
+        extra.resize(args[0] * PAGE)
+        for page in range(args[0]):
+            extra[page * PAGE] = 0x67
         view = ctypes.c_char.from_buffer(extra)
         addr = ctypes.addressof(view)
         del view

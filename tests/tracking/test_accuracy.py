@@ -88,6 +88,25 @@ def test_new_and_removed_vmas_are_followed(workload, backend):
         assert r.as_json()["vmas_removed"] >= 1
 
 
+def test_grown_or_moved_vma_is_followed(workload, backend):
+    w = workload(mib=4)
+    with open_session(w.pid, backend) as session:
+        session.start()
+        old = int(w.send("map 16"))
+        session.round()
+        new = int(w.send("grow 600"))
+        r = session.round()
+        events = {(e.kind, e.start) for s in r.samples for e in s.events}
+        # In place it grew; moved and grown at once, anonymous memory keeps nothing that
+        # links the two places, so it is reported as removed there and added here.
+        assert ("grown", new) in events or {("added", new), ("removed", old)} <= events, events
+        dirty = {a for s in r.samples for a in s.dirty.addresses()}
+        assert {new + i * w.page for i in range(600)} <= dirty
+        w.send("write 0 1")
+        r = session.round()
+        assert not {a for s in r.samples for a in s.dirty.addresses() if new <= a < new + 600 * w.page}
+
+
 def test_region_replaced_behind_the_trackers_back(workload, backend):
     w = workload(mib=4)
     with open_session(w.pid, backend) as session:

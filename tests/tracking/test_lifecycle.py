@@ -27,6 +27,13 @@ def first_round(proc: subprocess.Popen) -> dict:
     return json_lines(line)[0]
 
 
+def kill_tracker_after_a_round(pid: int) -> None:
+    proc = start_track(pid)
+    first_round(proc)
+    proc.kill()
+    proc.wait()
+
+
 def test_stopping_leaves_the_target_as_it_was(workload):
     w = workload(mib=8)
     with open_session(w.pid) as session:
@@ -47,10 +54,7 @@ def test_sigterm_ends_cleanly(workload):
 
 def test_killed_tracker_is_cleaned_by_the_next_run(workload):
     w = workload(mib=8)
-    proc = start_track(w.pid)
-    first_round(proc)
-    proc.kill()
-    proc.wait()
+    kill_tracker_after_a_round(w.pid)
     left = leftovers(w.pid)
     assert left["uffd_fds"] and left["armed_vmas"] and not left["stopped"]
     w.send("write 0 10")  # the workload runs on meanwhile
@@ -61,10 +65,7 @@ def test_killed_tracker_is_cleaned_by_the_next_run(workload):
 
 def test_next_tracker_takes_over_after_a_kill(workload):
     w = workload(mib=8)
-    proc = start_track(w.pid)
-    first_round(proc)
-    proc.kill()
-    proc.wait()
+    kill_tracker_after_a_round(w.pid)
     out = memsnap("track", "--pid", str(w.pid), "--json", "--interval", "0.2", "--duration", "0.5", check=True)
     assert len(json_lines(out.stdout)) == 2
     assert leftovers(w.pid) == CLEAN
@@ -187,7 +188,6 @@ time.sleep(60)
 
 def test_target_using_userfaultfd_itself(workload):
     w = workload(mib=4)
-    import ctypes
     # Give the target a userfaultfd of its own, as a program using it would have.
     from memsnap import remote
     with remote.Session(w.pid) as s:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -88,6 +89,16 @@ class Backend(abc.ABC):
 
     def tracked_ranges(self) -> PageRanges:
         return ranges_of(self.tracked)
+
+    def open_pagemap(self) -> int:
+        """This target's /proc/PID/pagemap, or a TrackingError saying why not."""
+        try:
+            return os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except PermissionError:
+            raise TrackingError(f"not permitted to read pid {self.pid}'s page tables: "
+                                "needs root or CAP_SYS_PTRACE") from None
+        except FileNotFoundError:
+            raise TargetGone(f"no process with pid {self.pid}") from None
 
     def check_alive(self) -> None:
         if not procfs.alive(self.pid, self.starttime):

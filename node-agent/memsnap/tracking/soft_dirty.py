@@ -40,11 +40,7 @@ class SoftDirty(Backend):
     def arm(self) -> PageRanges:
         self._claim = Claim(self.pid, self.starttime)
         try:
-            try:
-                self._pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-            except PermissionError:
-                raise TrackingError(f"not permitted to read pid {self.pid}'s page tables: "
-                                    "needs root or CAP_SYS_PTRACE") from None
+            self._pagemap = self.open_pagemap()
             with self._frozen():
                 self.tracked, _ = self.refresh_vmas()
                 baseline = self._pages(PAGE_IS_PRESENT | PAGE_IS_SWAPPED, dirty_only=False)

@@ -16,10 +16,10 @@ from ..kernel import pagemap, pidfd, seccomp, userfaultfd as uffd
 from ..kernel.pagemap import (PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN,
                               PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING)
 from ..procfs import Mapping
-from .base import Availability, Backend, ProcessSample, TargetGone, TrackingError
+from .base import Availability, Backend, ProcessSample, TrackingError
 from .pages import PageRanges
 from .state import Claim, TargetState
-from .vmas import VmaEvent, VmaSelection, ranges_of
+from .vmas import VmaEvent, VmaSelection
 
 UFFD_LINK = "anon_inode:[userfaultfd]"
 _ALLOWED = (seccomp.RET_ALLOW, seccomp.RET_LOG)
@@ -149,13 +149,7 @@ class UffdWp(Backend):
     # Steps
 
     def _open_pagemap(self) -> None:
-        try:
-            self._pagemap = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        except PermissionError:
-            raise TrackingError(f"not permitted to read pid {self.pid}'s page tables: "
-                                "needs root or CAP_SYS_PTRACE") from None
-        except FileNotFoundError:
-            raise TargetGone(f"no process with pid {self.pid}") from None
+        self._pagemap = self.open_pagemap()
         self._scanner = pagemap.Scanner(self._pagemap)
 
     def _inject(self) -> None:
