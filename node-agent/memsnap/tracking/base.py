@@ -76,6 +76,18 @@ class Backend(abc.ABC):
     def close(self) -> None:
         """Stop tracking and leave the target exactly as it was. Idempotent."""
 
+    def park(self, pending: PageRanges = PageRanges()) -> None:
+        """Leave the target armed for a later resume() by another run (checkpoint chains).
+
+        `pending` are pages collected but not yet saved: the resumed tracker reports them again.
+        """
+        raise TrackingError(f"the {self.name} backend cannot stay armed between runs")
+
+    @classmethod
+    def resume(cls, pid: int, selection: VmaSelection) -> Backend:
+        """Take over a target parked by park(); its next collect() reports every write since."""
+        raise TrackingError(f"the {cls.name} backend cannot stay armed between runs")
+
     # Shared helpers
 
     def refresh_vmas(self) -> tuple[list[Mapping], list[VmaEvent]]:

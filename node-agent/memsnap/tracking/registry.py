@@ -53,6 +53,23 @@ def arm(pid: int, backend: str, selection: VmaSelection) -> tuple[Backend, objec
     raise TrackingError("no backend can track pid %d: %s" % (pid, "; ".join(reasons)))
 
 
+def parked_backend(pid: int) -> str | None:
+    """The backend a checkpoint chain left pid armed with, if any."""
+    from .. import procfs
+    from .state import read, state_dir
+    if not procfs.alive(pid):
+        return None
+    state = read(state_dir() / f"{pid}-{procfs.read_stat(pid).starttime}.json")
+    return state.backend if state and state.mode == "parked" else None
+
+
+def resume(pid: int, selection: VmaSelection) -> Backend:
+    name = parked_backend(pid)
+    if name is None or name not in BACKENDS:
+        raise TrackingError(f"pid {pid} is not parked by a checkpoint chain")
+    return BACKENDS[name].resume(pid, selection)
+
+
 def check_access(pid: int) -> None:
     """Every backend reads the target's page tables: fail early, and say why, if we may not."""
     try:

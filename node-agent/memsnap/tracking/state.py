@@ -35,6 +35,7 @@ class TargetState:
     owner_pid: int = 0
     target_fd: int = -1  # the fd memsnap injected into the target, if any
     ranges: list[list[int]] = field(default_factory=list)  # tracked ranges, kept when parked
+    pending: list[list[int]] = field(default_factory=list)  # collected, not yet saved
     note: str = ""
 
     @property

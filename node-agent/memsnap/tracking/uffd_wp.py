@@ -35,6 +35,7 @@ class UffdWp(Backend):
         self._uffd = -1  # our duplicate of it
         self._pagemap = -1
         self._scanner: pagemap.Scanner | None = None
+        self._pending = PageRanges()  # collected by an earlier run but never saved
 
     @classmethod
     def availability(cls) -> Availability:
@@ -102,6 +103,8 @@ class UffdWp(Backend):
                 fresh.append(m)
         dirty.append(self._start_tracking(fresh, known))
         self.tracked = [m for m in now if _key(m) not in self.skipped]
+        dirty.append(self._pending)
+        self._pending = PageRanges()
         return ProcessSample(self.pid, PageRanges().union(*dirty), self.tracked, events,
                              skipped=dict(self.skipped))
 
@@ -117,10 +120,10 @@ class UffdWp(Backend):
                 self._claim.release()
                 self._claim = None
 
-    def park(self) -> None:
-        """Leave the target armed for a later resume() (the layers of a checkpoint chain)."""
+    def park(self, pending: PageRanges = PageRanges()) -> None:
         state = self._state("parked")
         state.ranges = [list(r) for r in self.tracked_ranges()]
+        state.pending = [list(r) for r in pending.union(self._pending)]
         self._claim.save(state)
         self._drop_fds()
         self._claim.release(keep_state=True)
@@ -128,7 +131,6 @@ class UffdWp(Backend):
 
     @classmethod
     def resume(cls, pid: int, selection: VmaSelection) -> UffdWp:
-        """Take over a parked target: its writes since park() are reported by the next collect()."""
         self = cls(pid, selection)
         self._claim = Claim(pid, self.starttime)
         try:
@@ -139,6 +141,7 @@ class UffdWp(Backend):
             self._uffd = _dup_target_fd(pid, state.target_fd)
             self._open_pagemap()
             armed = PageRanges(tuple(r) for r in state.ranges)
+            self._pending = PageRanges(tuple(r) for r in state.pending)
             self.tracked = [m for m in self.selection.select(pid) if armed.covers(m.start, m.end)]
             self._save_state()
             return self

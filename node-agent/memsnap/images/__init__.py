@@ -1,0 +1,1 @@
+"""Checkpoint images: CRIU image directories as layers of a chain, each with a manifest."""
