@@ -15,6 +15,7 @@ COMMANDS = [
     "memsnap.commands.track",
     "memsnap.commands.untrack",
     "memsnap.commands.backends",
+    "memsnap.commands.checkpoint",
     "memsnap.commands.demo",
 ]
 

@@ -34,7 +34,9 @@ class Manifest:
     described_pages: int  # pages the layer's pagemaps describe (here or in a parent)
     created: float = field(default_factory=time.time)
     files: dict[str, dict] = field(default_factory=dict)  # name -> {"sha256", "size"}
-    freeze_seconds: float | None = None
+    freeze_seconds: float | None = None  # final layers: how long the workload stood still
+    seconds: float | None = None  # how long writing the layer took
+    how: str = ""  # final layers: how the delta was made
     format: str = FORMAT
 
     def to_json(self) -> str:

@@ -88,6 +88,9 @@ class Backend(abc.ABC):
         """Take over a target parked by park(); its next collect() reports every write since."""
         raise TrackingError(f"the {cls.name} backend cannot stay armed between runs")
 
+    def drop_target_fd(self) -> None:
+        """Remove from the target anything a checkpointer cannot dump; tracking goes on."""
+
     # Shared helpers
 
     def refresh_vmas(self) -> tuple[list[Mapping], list[VmaEvent]]:

@@ -120,6 +120,14 @@ class UffdWp(Backend):
                 self._claim.release()
                 self._claim = None
 
+    def drop_target_fd(self) -> None:
+        """Close the injected fd inside the target (and its children) but keep tracking through
+        our duplicate, for as long as this process holds it (CRIU cannot dump a userfaultfd)."""
+        for pid in [self.pid] + procfs.descendants(self.pid):
+            close_copies(pid, [self._uffd])
+        self._target_fd = -1
+        self._save_state()
+
     def park(self, pending: PageRanges = PageRanges()) -> None:
         state = self._state("parked")
         state.ranges = [list(r) for r in self.tracked_ranges()]

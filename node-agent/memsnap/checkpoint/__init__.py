@@ -1,0 +1,1 @@
+"""Incremental checkpoints: pre-copy layers from the tracker, a final layer from CRIU."""

@@ -1,0 +1,46 @@
+"""Driving the criu binary: dump a frozen tree, restore a chain."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+
+class CriuError(Exception):
+    """criu failed; the message quotes the end of its log."""
+
+
+def binary() -> str:
+    path = shutil.which("criu") or next((p for p in ("/usr/sbin/criu", "/sbin/criu") if Path(p).exists()), None)
+    if path is None:
+        raise CriuError("criu is not installed (memsnap runs it inside a node: see `memsnap nodes`)")
+    return path
+
+
+def dump(pid: int, directory: Path, freeze_cgroup: Path | None, leave_running: bool = False) -> None:
+    args = ["dump", "-t", str(pid), "-D", str(directory), "-o", "dump.log", "-v4"]
+    if freeze_cgroup is not None:
+        args += ["--freeze-cgroup", str(freeze_cgroup)]
+    if leave_running:
+        args.append("--leave-running")
+    _run(args, directory / "dump.log")
+
+
+def restore(directory: Path, pidfile: Path, log_dir: Path) -> None:
+    _run(["restore", "-D", str(directory), "-d", "--pidfile", str(pidfile),
+          "-o", str(log_dir / "restore.log"), "-v4"], log_dir / "restore.log")
+
+
+def _run(args: list[str], log: Path) -> None:
+    result = subprocess.run([binary(), *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = _tail(log) or result.stderr.strip()
+        raise CriuError(f"criu {args[0]} failed (exit {result.returncode}): {tail}")
+
+
+def _tail(log: Path, lines: int = 3) -> str:
+    try:
+        errors = [line for line in log.read_text(errors="replace").splitlines() if "Error" in line]
+        return " | ".join((errors or log.read_text(errors="replace").splitlines())[-lines:])
+    except OSError:
+        return ""

@@ -1,0 +1,106 @@
+"""Pre-copy layers: written while the target runs, from the tracker's dirty sets.
+
+The first layer holds every page with data; each later one only the pages written since the
+layer before, and marks the rest in-parent. Between runs the targets stay armed (parked), so
+separate `memsnap checkpoint` invocations continue one chain.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import procfs
+from ..images import chain
+from ..images.layer import LayerWriter, Manifest
+from ..tracking import TrackingError, VmaSelection, registry
+from ..tracking.base import Backend
+from ..tracking.pages import PageRanges
+from ..tracking.vmas import ranges_of
+from .layers import write_process
+
+
+@dataclass
+class Armed:
+    """A target's tracker and what it reported for this layer."""
+
+    tracker: Backend
+    present: PageRanges  # pages whose data goes into this layer
+
+
+def arm_tree(root: int, parent: Path | None, backend: str, selection: VmaSelection) -> dict[int, Armed]:
+    """Resume (or start) tracking of root and its descendants and collect their changes.
+
+    Without a parent (a new chain), every target starts afresh: its whole memory goes in.
+    """
+    armed: dict[int, Armed] = {}
+    try:
+        for pid in [root] + procfs.descendants(root):
+            armed[pid] = _arm_one(pid, parent, backend, selection)
+    except BaseException:
+        release(armed)
+        raise
+    return armed
+
+
+def _arm_one(pid: int, parent: Path | None, backend: str, selection: VmaSelection) -> Armed:
+    if registry.parked_backend(pid):
+        tracker = registry.resume(pid, selection)
+        if parent is not None:
+            return Armed(tracker, tracker.collect().dirty)
+        tracker.close()  # a new chain: start over with everything
+    tracker, baseline, _ = registry.arm(pid, backend, selection)
+    return Armed(tracker, baseline)
+
+
+def release(armed: dict[int, Armed]) -> None:
+    for a in armed.values():
+        a.tracker.close()
+
+
+def park(armed: dict[int, Armed], unsaved: bool) -> None:
+    """Leave every target armed for the next layer; with unsaved, what this layer collected
+    is handed over so the next layer saves it (nothing is lost when a write failed)."""
+    for a in armed.values():
+        a.tracker.park(a.present if unsaved else PageRanges())
+
+
+def write(root: int, target: Path, parent: Path | None, backend: str = "auto",
+          selection: VmaSelection = VmaSelection()) -> Path:
+    if parent is not None:
+        chain.load(parent)  # refuse to build on a broken chain
+    began = time.monotonic()
+    armed = arm_tree(root, parent, backend, selection)
+    try:
+        with LayerWriter(target) as out:
+            rel = out.link_parent(parent)
+            pages = sum(write_process(out.dir, pid, i + 1, parent, a.present, ranges_of(a.tracker.tracked))
+                        for i, (pid, a) in enumerate(sorted(armed.items())))
+            described = sum(_described(out.dir, pid) for pid in armed)
+            manifest = Manifest(kind="incremental" if parent else "full", parent=rel,
+                                pids=sorted(armed), backend=_backend_of(armed), pages=pages,
+                                bytes=pages * _page_size(), described_pages=described,
+                                seconds=round(time.monotonic() - began, 6))
+            layer = out.commit(manifest)
+    except BaseException:
+        park(armed, unsaved=True)
+        raise
+    park(armed, unsaved=False)
+    return layer
+
+
+def _described(directory: Path, pid: int) -> int:
+    from ..images.pages_io import LayerIndex
+    return PageRanges(LayerIndex(directory, pid).described()).pages
+
+
+def _backend_of(armed: dict[int, Armed]) -> str:
+    names = sorted({a.tracker.name for a in armed.values()})
+    if not names:
+        raise TrackingError("nothing to checkpoint")
+    return ",".join(names)
+
+
+def _page_size() -> int:
+    from ..kernel.pagemap import PAGE_SIZE
+    return PAGE_SIZE
