@@ -1,10 +1,12 @@
 """A sample workload that writes exactly the pages it is told to: ground truth for tests,
 benchmarks and the demo. Standard library only, so any python3 can run this file alone.
 
-    python3 workload.py [--mib N]
+    python3 workload.py [--mib N] [--churn RATE]
 
 prints one JSON line {"pid", "base", "size", "page_size"} and then answers commands on stdin,
-one per line, each with one line on stdout ("ok ..." or "error ..."):
+one per line, each with one line on stdout ("ok ..." or "error ..."). With --churn it writes
+RATE random pages/s from the start until SIGUSR1; at the end of stdin it idles on (so it can
+run detached, e.g. to be checkpointed).
 
     write FIRST COUNT [STRIDE]   write one byte into COUNT pages, from page FIRST
     threads FIRST COUNT N        the same, split over N threads running at once
@@ -21,6 +23,8 @@ one per line, each with one line on stdout ("ok ..." or "error ..."):
     remap FIRST COUNT            mmap(MAP_FIXED) fresh memory over those pages of the region
                                  (the old VMA is replaced behind any tracker's back) and fill it
     seccomp-deny NAME ACTION     install a seccomp filter: syscall NAME gets errno|kill
+    tcp                          open a TCP connection to itself on loopback (CRIU refuses to
+                                 dump an established connection unless told to)
     bench SECONDS                write pages in a loop over the region for SECONDS: "ok PAGES"
     exit
 """
@@ -48,6 +52,8 @@ class Region:
         del view
         self.counter = 0
         self.extra: list[mmap.mmap] = []
+        self.extra_fds: list = []
+        self.churning = threading.Event()
 
     def write(self, first: int, count: int, stride: int = 1) -> None:
         self.counter = (self.counter + 1) % 251
@@ -85,7 +91,8 @@ def churn(region: Region, rate: float, seconds: float) -> None:
     end = time.monotonic() + seconds
     step = 0.01
     rng = random.Random(1)
-    while time.monotonic() < end:
+    region.churning.set()
+    while time.monotonic() < end and region.churning.is_set():
         for _ in range(max(1, int(rate * step))):
             region.mem[rng.randrange(pages) * PAGE] = 1
         time.sleep(step)
@@ -190,6 +197,11 @@ def handle(region: Region, words: list[str]) -> str:
     elif cmd == "seccomp-deny":
         _seccomp_deny(SYSCALLS[words[1]], words[2])
         return "ok"
+    elif cmd == "tcp":
+        import socket
+        server = socket.create_server(("127.0.0.1", 0))
+        client = socket.create_connection(server.getsockname())
+        region.extra_fds += [server, client, server.accept()[0]]
     elif cmd == "bench":
         return f"ok {write_for(region, args[0])}"
     elif cmd == "checksum":
@@ -201,14 +213,24 @@ def handle(region: Region, words: list[str]) -> str:
     return "ok"
 
 
+def _option(name: str, default: float) -> float:
+    return float(sys.argv[sys.argv.index(name) + 1]) if name in sys.argv else default
+
+
 def main() -> None:
-    mib = int(sys.argv[sys.argv.index("--mib") + 1]) if "--mib" in sys.argv else 64
-    region = Region(mib << 20)
+    import signal
+    region = Region(int(_option("--mib", 64)) << 20)
     print(json.dumps({"pid": os.getpid(), "base": region.base, "size": region.size, "page_size": PAGE}), flush=True)
+    signal.signal(signal.SIGUSR1, lambda *_: region.churning.clear())
+    if "--churn" in sys.argv:
+        region.write(0, region.size // PAGE)
+        threading.Thread(target=churn, args=(region, _option("--churn", 0), float("inf")), daemon=True).start()
     for line in sys.stdin:
         words = line.split()
         if words:
             print(handle(region, words), flush=True)
+    while True:
+        time.sleep(3600)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,10 @@ def test_json_rounds_follow_the_contract(workload):
         assert r["pid"] == w.pid and r["backend"] == "uffd-wp"
         assert r["dirty_bytes"] == r["dirty_pages"] * w.page
         assert r["tracked_bytes"] >= 32 << 20
-        assert 0.4 < r["interval_seconds"] < 0.7
-    # 2000 random pages/s over 8192 pages: about 1000 per round, fewer distinct ones
-    assert all(300 < r["dirty_pages"] < 1600 for r in rounds), [r["dirty_pages"] for r in rounds]
+        assert 0.3 < r["interval_seconds"] < 1.0
+    # 2000 random pages/s over 8192 pages: up to ~1000 distinct ones per round (fewer when the
+    # machine is busy), never more than the region and the interpreter's own pages
+    assert all(50 < r["dirty_pages"] < 1600 for r in rounds), [r["dirty_pages"] for r in rounds]
 
 
 @uffd
