@@ -1,12 +1,12 @@
 """A sample workload that writes exactly the pages it is told to: ground truth for tests,
 benchmarks and the demo. Standard library only, so any python3 can run this file alone.
 
-    python3 workload.py [--mib N] [--churn RATE]
+    python3 workload.py [--mib N] [--churn RATE] [--tcp]
 
 prints one JSON line {"pid", "base", "size", "page_size"} and then answers commands on stdin,
 one per line, each with one line on stdout ("ok ..." or "error ..."). With --churn it writes
 RATE random pages/s from the start until SIGUSR1; at the end of stdin it idles on (so it can
-run detached, e.g. to be checkpointed).
+run detached, e.g. to be checkpointed). --tcp runs the tcp command first.
 
     write FIRST COUNT [STRIDE]   write one byte into COUNT pages, from page FIRST
     threads FIRST COUNT N        the same, split over N threads running at once
@@ -222,6 +222,8 @@ def main() -> None:
     region = Region(int(_option("--mib", 64)) << 20)
     print(json.dumps({"pid": os.getpid(), "base": region.base, "size": region.size, "page_size": PAGE}), flush=True)
     signal.signal(signal.SIGUSR1, lambda *_: region.churning.clear())
+    if "--tcp" in sys.argv:
+        handle(region, ["tcp"])
     if "--churn" in sys.argv:
         region.write(0, region.size // PAGE)
         threading.Thread(target=churn, args=(region, _option("--churn", 0), float("inf")), daemon=True).start()
