@@ -26,7 +26,7 @@ class LayerError(Exception):
 @dataclass
 class Manifest:
     kind: str  # "full", "incremental" or "final"
-    parent: str | None  # path of the parent layer, relative to this one
+    parent: str | None  # the parent layer, relative to this one (e.g. "../l1")
     pids: list[int]
     backend: str  # what found the changed pages: uffd-wp, soft-dirty, tracepoint, criu
     pages: int  # pages whose data this layer holds
@@ -106,7 +106,7 @@ class LayerWriter:
         """CRIU finds a layer's parent through a symlink named `parent`."""
         if parent is None:
             return None
-        rel = os.path.relpath(parent.absolute(), self.target.parent)
+        rel = os.path.relpath(parent.absolute(), self.target)  # relative to the layer, as CRIU reads it
         os.symlink(rel, self.dir / "parent")
         return rel
 
