@@ -48,7 +48,9 @@ def write(root: int, target: Path, parent: Path | None, selection: VmaSelection 
                                 described_pages=described, freeze_seconds=round(frozen_for, 6),
                                 how="uffd-wp dirty set + criu dump, converted to a delta" if parent
                                 else "criu dump (no chain)")
-            return out.commit(manifest)
+            layer = out.commit(manifest)
+        freezer.remove()
+        return layer
     except BaseException:
         for t in trackers.values():
             t.close()

@@ -39,6 +39,13 @@ class Freezer:
             return "frozen 1" in (self.path / "cgroup.events").read_text()
         return (self.path / "freezer.state").read_text().strip() == "FROZEN"
 
+    def remove(self) -> None:
+        """Drop the cgroup once nothing is left in it (after a final dump stopped the tree)."""
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass
+
     def _wait(self, want: bool, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self.frozen() != want:
