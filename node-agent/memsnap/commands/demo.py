@@ -1,4 +1,5 @@
-"""memsnap demo: a sample workload, tracked live for a few seconds, then left clean."""
+"""memsnap demo: live dirty-page tracking, then an incremental checkpoint chain restored in a
+local node, checked byte for byte."""
 from __future__ import annotations
 
 import json
@@ -17,10 +18,20 @@ def register(sub) -> None:
     p = sub.add_parser("demo", help="track a sample workload's dirty pages live for a few seconds")
     p.add_argument("--seconds", type=float, default=5.0, help="how long to watch (default 5)")
     p.add_argument("--rate", type=int, default=5000, help="pages/s the workload writes (default 5000)")
+    p.add_argument("--no-nodes", action="store_true", help="skip the checkpoint part (needs local nodes)")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    status = run_tracking(args)
+    if status == 0 and not args.no_nodes:
+        from .. import demo_chain
+        status = demo_chain.run()
+    return status
+
+
+def run_tracking(args) -> int:
+    print("== 1. live dirty-page tracking")
     proc = subprocess.Popen([sys.executable, str(Path(workload.__file__)), "--mib", "256"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
