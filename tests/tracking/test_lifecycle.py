@@ -194,3 +194,33 @@ def test_target_using_userfaultfd_itself(workload):
         own = s.check_call("userfaultfd", 0o2000000)
     with pytest.raises(TrackingError, match=f"already uses userfaultfd \\(fd {own}\\)"):
         open_session(w.pid, "uffd-wp").start()
+
+
+def test_parked_target_resumes_in_another_tracker(workload):
+    """Checkpoint chains: one run parks the target armed, the next picks up every write since,
+    plus what the first collected but could not save."""
+    from memsnap.tracking import VmaSelection, registry
+    w = workload(mib=4)
+    tracker, _, _ = registry.arm(w.pid, "uffd-wp", VmaSelection())
+    w.send("write 0 3")
+    unsaved = tracker.collect().dirty
+    tracker.park(unsaved)
+    assert leftovers(w.pid)["uffd_fds"]  # still armed between runs
+    w.send("write 10 2")
+    resumed = registry.resume(w.pid, VmaSelection())
+    try:
+        got = w.in_region(resumed.collect().dirty.addresses())
+        assert got == w.pages(0, 3) | w.pages(10, 2)
+        assert not w.in_region(resumed.collect().dirty.addresses())
+    finally:
+        resumed.close()
+    assert leftovers(w.pid) == CLEAN
+
+
+def test_untrack_cleans_a_parked_target(workload):
+    from memsnap.tracking import VmaSelection, registry
+    w = workload(mib=4)
+    tracker, _, _ = registry.arm(w.pid, "uffd-wp", VmaSelection())
+    tracker.park()
+    memsnap("untrack", "--pid", str(w.pid), check=True)
+    assert leftovers(w.pid) == CLEAN
