@@ -60,6 +60,63 @@ def test_nodes_are_isolated(cli, local_nodes):
     assert local_nodes[0].pid in cgroups.pids("node-1")
 
 
+COUNTER = """
+import time
+n = 0
+while True:
+    n += 1
+    open("/tmp/count.tmp", "w").write(str(n))
+    __import__("os").rename("/tmp/count.tmp", "/tmp/count")
+    time.sleep(0.01)
+"""
+
+
+def _count(node: str) -> int:
+    return int(nodes.run(node, ["cat", "/tmp/count"], capture_output=True, text=True, check=True).stdout)
+
+
+def test_node_cgroup_freezes_and_thaws(cli, local_nodes):
+    worker = nodes.popen("node-2", ["python3", "-c", COUNTER])
+    try:
+        deadline = time.monotonic() + 10
+        while nodes.run("node-2", ["test", "-e", "/tmp/count"]).returncode != 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        cgroups.freeze("node-2")
+        try:
+            # While frozen, exec into the node would freeze too: read the file from the host side.
+            counter = Path(f"/proc/{nodes.get('node-2').pid}/root/tmp/count")
+            frozen = int(counter.read_text())
+            time.sleep(0.3)
+            assert int(counter.read_text()) == frozen
+        finally:
+            cgroups.thaw("node-2")
+        time.sleep(0.3)
+        assert _count("node-2") > frozen
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+def test_node_has_its_own_cgroups_and_down_removes_theirs(cli, local_nodes):
+    """Tools in the node can make (and freeze) sub-cgroups at /sys/fs/cgroup; `down` removes them."""
+    kinds = cgroups.hierarchies()
+    if "cgroup2" not in kinds:
+        pytest.skip("no cgroup2 hierarchy on this host")
+    work = "/sys/fs/cgroup/unified/work" if len(kinds) > 1 else "/sys/fs/cgroup/work"
+    # The inner shell freezes itself: it must not hold our pipe, or run() would wait forever.
+    script = f"mkdir {work} && echo $$ > {work}/cgroup.procs && echo 1 > {work}/cgroup.freeze"
+    check = f"sleep 0.5; grep '^0::' /proc/$(cat {work}/cgroup.procs)/cgroup; grep frozen {work}/cgroup.events"
+    out = nodes.run("node-1", ["sh", "-c", f"sh -c '{script}' </dev/null >/dev/null 2>&1 & {check}"],
+                    capture_output=True, text=True, timeout=30)
+    assert out.stdout.splitlines() == ["0::/work", "frozen 1"], out.stdout + out.stderr
+    host_side = cgroups.paths("node-1")["cgroup2"] / "work"
+    assert host_side.is_dir()
+    assert cli("down", "node-1").returncode == 0  # must thaw, kill and remove the frozen sub-cgroup
+    assert not host_side.exists() and not host_side.parent.exists()
+    assert cli("up", "--count", "2").returncode == 0
+
+
 def test_checkout_is_importable_read_only(cli, local_nodes):
     proc = nodes.run("node-1", ["sh", "-c", "python3 -c 'import memsnap; print(memsnap.__file__)'; "
                                             "touch /opt/memsnap/node-agent/x 2>/dev/null || echo ro; command -v memsnap"],

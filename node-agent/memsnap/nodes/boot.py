@@ -85,10 +85,30 @@ def mount_root(cfg: dict) -> Path:
     mount("proc", root / "proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
     # Read-only: the node's sysfs shows its own net devices but writes would reach the host kernel.
     mount("sysfs", root / "sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    mount_cgroups(root / "sys/fs/cgroup", cfg["cgroups"])
     mount_dev(root / "dev")
     mount("tmpfs", root / "tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=1777")
     mount("tmpfs", root / "run", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755")
     return root
+
+
+def mount_cgroups(target: Path, kinds: list[str]) -> None:
+    """The node's own cgroups, writable, at the usual places: tools in the node (CRIU's
+    --freeze-cgroup, a sub-cgroup per workload) can use them. Thanks to the cgroup namespace each
+    hierarchy's root is the node's cgroup."""
+    v1 = [k for k in kinds if k != "cgroup2"]
+    if not v1:  # a cgroup2-only host (typical Debian 13)
+        if kinds:
+            mount("cgroup2", target, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        return
+    mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=755")
+    for kind in kinds:
+        sub = target / ("unified" if kind == "cgroup2" else kind)
+        sub.mkdir()
+        if kind == "cgroup2":
+            mount("cgroup2", sub, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        else:
+            mount("cgroup", sub, "cgroup", MS_NOSUID | MS_NODEV | MS_NOEXEC, kind)
 
 
 def mount_dev(dev: Path) -> None:

@@ -51,26 +51,55 @@ def join(name: str, pid: int = 0) -> None:
             (path / "cgroup.procs").write_text(f"{pid or os.getpid()}\n")
 
 
+def _subtree(path: Path) -> list[Path]:
+    """path and every cgroup below it (tools in the node may make their own), deepest first."""
+    if not path.is_dir():
+        return []
+    return [Path(d) for d, _, _ in os.walk(path, topdown=False)]
+
+
 def pids(name: str) -> set[int]:
+    """Every task in the node's cgroups, sub-cgroups included."""
     found: set[int] = set()
     for path in paths(name).values():
-        try:
-            found.update(int(p) for p in (path / "cgroup.procs").read_text().split())
-        except FileNotFoundError:
-            pass
+        for cg in _subtree(path):
+            try:
+                found.update(int(p) for p in (cg / "cgroup.procs").read_text().split())
+            except FileNotFoundError:
+                pass
     return found
 
 
+def freeze(name: str, timeout: float = 10.0) -> None:
+    """Freeze every task of the node (cgroup2's cgroup.freeze if there is one, else the v1 freezer)."""
+    found = paths(name)
+    if "cgroup2" in found:
+        (found["cgroup2"] / "cgroup.freeze").write_text("1\n")
+        done = lambda: "frozen 1" in (found["cgroup2"] / "cgroup.events").read_text()  # noqa: E731
+    elif "freezer" in found:
+        (found["freezer"] / "freezer.state").write_text("FROZEN\n")
+        done = lambda: (found["freezer"] / "freezer.state").read_text().strip() == "FROZEN"  # noqa: E731
+    else:
+        raise RuntimeError("no freezer: neither cgroup2 nor the v1 freezer is mounted")
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"cgroup of {name} did not freeze within {timeout} s")
+        time.sleep(0.01)
+
+
 def thaw(name: str) -> None:
-    """Frozen tasks cannot die: thaw before killing."""
+    """Undo freeze(), also of sub-cgroups frozen from inside the node (frozen tasks cannot even die)."""
+    controls = {"freezer": ("freezer.state", "THAWED"), "cgroup2": ("cgroup.freeze", "0")}
     for kind, path in paths(name).items():
-        try:
-            if kind == "freezer":
-                (path / "freezer.state").write_text("THAWED\n")
-            elif kind == "cgroup2":
-                (path / "cgroup.freeze").write_text("0\n")
-        except FileNotFoundError:
-            pass
+        if kind not in controls:
+            continue
+        control, value = controls[kind]
+        for cg in reversed(_subtree(path)):  # top-down
+            try:
+                (cg / control).write_text(value + "\n")
+            except FileNotFoundError:
+                pass
 
 
 def kill_all(name: str, timeout: float = 10.0) -> None:
@@ -92,8 +121,10 @@ def kill_all(name: str, timeout: float = 10.0) -> None:
 
 
 def remove(name: str) -> None:
+    """Remove the node's (empty) cgroups, sub-cgroups first."""
     for path in paths(name).values():
-        _rmdir(path)
+        for cg in _subtree(path):
+            _rmdir(cg)
         parent = path.parent
         if parent.is_dir() and not any(p.is_dir() for p in parent.iterdir()):
             _rmdir(parent)  # the shared memsnap/ directory goes with the last node

@@ -164,6 +164,7 @@ def _start(name: str, index: int, img: image.Image) -> Node:
         d.mkdir(parents=True, exist_ok=True)
     cgroups.create(name)
     cfg = {
+        "cgroups": sorted(cgroups.hierarchies()),
         "name": name,
         "merged": str(state / "root"),
         "lower": str(img.root),
