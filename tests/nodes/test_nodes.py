@@ -119,9 +119,10 @@ def test_node_has_its_own_cgroups_and_down_removes_theirs(cli, local_nodes):
 
 def test_checkout_is_importable_read_only(cli, local_nodes):
     proc = nodes.run("node-1", ["sh", "-c", "python3 -c 'import memsnap; print(memsnap.__file__)'; "
-                                            "touch /opt/memsnap/node-agent/x 2>/dev/null || echo ro; command -v memsnap"],
+                                            "touch /opt/memsnap/node-agent/x 2>/dev/null || echo ro; command -v memsnap; "
+                                            "python3 -c 'import pycriu.images, aiohttp, prometheus_client; print(\"libs\")'"],
                      capture_output=True, text=True)
-    assert proc.stdout.split() == [f"{image.CHECKOUT_MOUNT}/memsnap/__init__.py", "ro", "/usr/local/bin/memsnap"]
+    assert proc.stdout.split() == [f"{image.CHECKOUT_MOUNT}/memsnap/__init__.py", "ro", "/usr/local/bin/memsnap", "libs"]
 
 
 def test_cp_file_and_directory(cli, local_nodes, tmp_path: Path):
