@@ -77,6 +77,7 @@ def ensure(log=None) -> Image:
     """Return the image for the current inputs, building it first if needed (~1 min, needs network)."""
     image = cached()
     if image:
+        os.utime(image.path)  # prune() spares the most recently used images
         return image
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     with open(CACHE_DIR / ".lock", "w") as lock:
@@ -163,13 +164,13 @@ def _versions(root: Path, names: list[str]) -> dict[str, str]:
     return versions
 
 
-def prune(keep: set[str]) -> list[str]:
-    """Remove cached images other than those in ``keep`` (digests); returns what was removed."""
-    removed = []
+def prune(keep: set[str], spare: int = 2) -> list[str]:
+    """Remove cached images except those in ``keep`` (digests) and the ``spare`` most recently
+    used others (checkouts on different commits share the cache); returns the digests removed."""
     if not CACHE_DIR.is_dir():
-        return removed
-    for p in CACHE_DIR.iterdir():
-        if p.is_dir() and not p.name.startswith(".") and p.name not in keep:
-            shutil.rmtree(p, ignore_errors=True)
-            removed.append(p.name)
-    return removed
+        return []
+    others = [p for p in CACHE_DIR.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in keep]
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for p in others[spare:]:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in others[spare:]]

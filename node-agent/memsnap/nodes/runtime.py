@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -45,6 +45,7 @@ class Node:
     starttime: int  # of that PID, to tell it from a recycled one
     address: str
     image: str  # digest of the image its root was made from
+    checkout: str = ""  # the node-agent/ directory bind-mounted at image.CHECKOUT_MOUNT
 
     @property
     def running(self) -> bool:
@@ -73,8 +74,13 @@ def _state_file(name: str) -> Path:
 
 def _load(name: str) -> Node | None:
     try:
-        return Node(**json.loads(_state_file(name).read_text()))
-    except (FileNotFoundError, json.JSONDecodeError, TypeError):
+        raw = json.loads(_state_file(name).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    known = {f.name for f in fields(Node)}
+    try:  # tolerate fields written by a newer or older memsnap
+        return Node(**{k: v for k, v in raw.items() if k in known})
+    except TypeError:
         return None
 
 
@@ -127,6 +133,7 @@ def up(count: int = 2, log=None) -> list[Node]:
             name = node_name(index)
             current = _load(name)
             if current is not None and current.running:
+                _warn_if_outdated(current, img, log)
                 continue
             _teardown(name)  # whatever a dead node left behind
             _start(name, index, img)
@@ -151,6 +158,18 @@ def down(names: Sequence[str] | None = None) -> list[str]:
             for d in (STATE_DIR, DATA_DIR):
                 _rmdir_quiet(d)
         return targets
+
+
+def _warn_if_outdated(node: Node, img: image.Image, log) -> None:
+    """A running node is left alone, even if it was started from another image or checkout."""
+    stale = []
+    if node.image != img.digest:
+        stale.append(f"image {node.image} (current: {img.digest})")
+    if node.checkout and node.checkout != str(NODE_AGENT_DIR):
+        stale.append(f"checkout {node.checkout}")
+    if stale:
+        (log or image._stderr)(f"memsnap: {node.name} keeps running with {' and '.join(stale)}; "
+                               f"`memsnap nodes down` then `up` to renew it")
 
 
 def _require_root() -> None:
@@ -180,7 +199,7 @@ def _start(name: str, index: int, img: image.Image) -> Node:
         _teardown(name)
         raise NodeError(f"could not start {name}: {proc.stderr.strip()}")
     pid = int(proc.stdout.strip())
-    node = Node(name, index, pid, _starttime(pid) or 0, net.node_address(index), img.digest)
+    node = Node(name, index, pid, _starttime(pid) or 0, net.node_address(index), img.digest, str(NODE_AGENT_DIR))
     # Record before wiring the network, so a failure below still leaves something `down` removes.
     _state_file(name).write_text(json.dumps(asdict(node)) + "\n")
     try:
