@@ -48,8 +48,8 @@ def test_exec_inherits_no_fd_above_2(cli, local_nodes):
 
 def test_nodes_are_isolated(cli, local_nodes):
     for n in local_nodes:
-        out = nodes.run(n.name, ["sh", "-c", "hostname; cat /proc/1/cmdline | tr '\\0' ' '; echo; ip -o -4 addr show eth0; ip route"],
-                        capture_output=True, text=True, check=True).stdout.splitlines()
+        script = "hostname; tr '\\0' ' ' </proc/1/cmdline; echo; ip -o -4 addr show eth0; ip route"
+        out = nodes.run(n.name, ["sh", "-c", script], capture_output=True, text=True, check=True).stdout.splitlines()
         assert out[0] == n.name
         assert "memsnap-node-init" in out[1]  # PID 1 of the node is its init
         assert f"inet {n.address}/15" in out[2]
@@ -118,11 +118,15 @@ def test_node_has_its_own_cgroups_and_down_removes_theirs(cli, local_nodes):
 
 
 def test_checkout_is_importable_read_only(cli, local_nodes):
-    proc = nodes.run("node-1", ["sh", "-c", "python3 -c 'import memsnap; print(memsnap.__file__)'; "
-                                            "touch /opt/memsnap/node-agent/x 2>/dev/null || echo ro; command -v memsnap; "
-                                            "python3 -c 'import pycriu.images, aiohttp, prometheus_client; print(\"libs\")'"],
-                     capture_output=True, text=True)
-    assert proc.stdout.split() == [f"{image.CHECKOUT_MOUNT}/memsnap/__init__.py", "ro", "/usr/local/bin/memsnap", "libs"]
+    script = """
+        python3 -c 'import memsnap; print(memsnap.__file__)'
+        touch /opt/memsnap/node-agent/x 2>/dev/null || echo read-only
+        command -v memsnap
+        python3 -c 'import pycriu.images, aiohttp, prometheus_client; print("libraries")'
+    """
+    proc = nodes.run("node-1", ["sh", "-c", script], capture_output=True, text=True)
+    assert proc.stdout.split() == [f"{image.CHECKOUT_MOUNT}/memsnap/__init__.py", "read-only",
+                                   "/usr/local/bin/memsnap", "libraries"], proc.stderr
 
 
 def test_cp_file_and_directory(cli, local_nodes, tmp_path: Path):

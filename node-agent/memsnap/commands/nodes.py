@@ -50,7 +50,7 @@ def _guarded(func):
     def wrapper(args: argparse.Namespace) -> int:
         try:
             return func(args)
-        except (runtime.NodeNotRunning, ValueError, FileNotFoundError) as exc:
+        except runtime.BadNodeRequest as exc:
             raise UsageError(str(exc)) from None
         except (runtime.NodeError, ImageError, RuntimeError, OSError) as exc:
             print(f"memsnap nodes {args.nodes_action}: {exc}", file=sys.stderr)

@@ -15,6 +15,7 @@ names (node-1, ...) and the host's ("host") through /etc/hosts.
 """
 from memsnap.nodes.net import BRIDGE, BRIDGE_ADDRESS, node_address
 from memsnap.nodes.runtime import (
+    BadNodeRequest,
     Node,
     NodeError,
     NodeNotRunning,
@@ -30,6 +31,6 @@ from memsnap.nodes.runtime import (
 )
 
 __all__ = [
-    "BRIDGE", "BRIDGE_ADDRESS", "Node", "NodeError", "NodeNotRunning", "command", "copy_in", "down",
+    "BadNodeRequest", "BRIDGE", "BRIDGE_ADDRESS", "Node", "NodeError", "NodeNotRunning", "command", "copy_in", "down",
     "get", "list_nodes", "node_address", "node_env", "popen", "run", "up",
 ]

@@ -17,6 +17,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
+
+Log = Callable[[str], None]  # where progress messages go (default: stderr)
 
 # Pinned: CRIU >= 4.1 is needed on kernel 6.18 and only trixie has it, whatever the host runs.
 SUITE = "trixie"
@@ -73,7 +76,7 @@ def cached() -> Image | None:
     return Image(d, path) if (path / "manifest.json").is_file() else None
 
 
-def ensure(log=None) -> Image:
+def ensure(log: Log | None = None) -> Image:
     """Return the image for the current inputs, building it first if needed (~1 min, needs network)."""
     image = cached()
     if image:
@@ -86,10 +89,10 @@ def ensure(log=None) -> Image:
         if image:
             return image
         _remove_stale_builds()
-        return _build(digest(), log or _stderr)
+        return _build(digest(), log or stderr_log)
 
 
-def _stderr(msg: str) -> None:
+def stderr_log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -98,7 +101,7 @@ def _remove_stale_builds() -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _build(d: str, log) -> Image:
+def _build(d: str, log: Log) -> Image:
     work = CACHE_DIR / f".build-{d}-{os.getpid()}"
     root = work / "root"
     work.mkdir()

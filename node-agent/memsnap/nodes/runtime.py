@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from memsnap.nodes import cgroups, image, net
+from memsnap.nodes.image import Log
 
 STATE_DIR = Path("/run/memsnap/nodes")
 DATA_DIR = Path("/var/lib/memsnap/nodes")
@@ -33,7 +34,11 @@ class NodeError(Exception):
     """A node operation failed."""
 
 
-class NodeNotRunning(NodeError):
+class BadNodeRequest(NodeError, ValueError):
+    """The request itself is wrong (a bad argument, an unknown or stopped node)."""
+
+
+class NodeNotRunning(BadNodeRequest):
     """The named node does not exist or is not running."""
 
 
@@ -119,10 +124,10 @@ def get(name: str) -> Node:
 
 # ---- up / down ---------------------------------------------------------------------------
 
-def up(count: int = 2, log=None) -> list[Node]:
+def up(count: int = 2, log: Log | None = None) -> list[Node]:
     """Make node-1..node-<count> run (building the image first if needed). Idempotent."""
     if not 1 <= count <= net.MAX_NODES:
-        raise ValueError(f"--count must be between 1 and {net.MAX_NODES}, got {count}")
+        raise BadNodeRequest(f"--count must be between 1 and {net.MAX_NODES}, got {count}")
     _require_root()
     with _locked():
         img = image.ensure(log)
@@ -160,7 +165,7 @@ def down(names: Sequence[str] | None = None) -> list[str]:
         return targets
 
 
-def _warn_if_outdated(node: Node, img: image.Image, log) -> None:
+def _warn_if_outdated(node: Node, img: image.Image, log: Log | None) -> None:
     """A running node is left alone, even if it was started from another image or checkout."""
     stale = []
     if node.image != img.digest:
@@ -168,7 +173,7 @@ def _warn_if_outdated(node: Node, img: image.Image, log) -> None:
     if node.checkout and node.checkout != str(NODE_AGENT_DIR):
         stale.append(f"checkout {node.checkout}")
     if stale:
-        (log or image._stderr)(f"memsnap: {node.name} keeps running with {' and '.join(stale)}; "
+        (log or image.stderr_log)(f"memsnap: {node.name} keeps running with {' and '.join(stale)}; "
                                f"`memsnap nodes down` then `up` to renew it")
 
 
@@ -258,7 +263,7 @@ def command(name: str, argv: Sequence[str]) -> list[str]:
     Use with node_env() and preexec_fn=join_cgroup_fn(name) (what run()/popen() do).
     """
     if not argv:
-        raise ValueError("empty command")
+        raise BadNodeRequest("no command given")
     node = get(name)
     return ["nsenter", f"--target={node.pid}", "--mount", "--uts", "--ipc", "--net", "--pid",
             "--cgroup", "--root", "--wd", "--", *argv]
@@ -313,9 +318,9 @@ def copy_in(src: str | os.PathLike, name: str, dst: str) -> str:
     """
     src_path = Path(src)
     if not src_path.exists():
-        raise FileNotFoundError(f"no such file or directory: {src}")
+        raise BadNodeRequest(f"no such file or directory: {src}")
     if not dst.startswith("/"):
-        raise ValueError(f"destination must be an absolute path in the node, got {dst!r}")
+        raise BadNodeRequest(f"destination must be an absolute path in the node, got {dst!r}")
     get(name)
     if dst.endswith("/") or run(name, ["test", "-d", dst]).returncode == 0:
         dst = dst.rstrip("/") + "/" + src_path.name
