@@ -1,0 +1,144 @@
+"""One cgroup per node, in every hierarchy that can freeze or account it.
+
+Hosts differ: Debian 12 here is hybrid (v1 freezer/memory/pids + an empty cgroup2 at
+/sys/fs/cgroup/unified), a Debian 13 host is usually cgroup2 only. We use whichever of v1
+freezer, v1 memory, v1 pids and cgroup2 are mounted; the node's directory is ``memsnap/<name>``
+in each.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import time
+from pathlib import Path
+
+V1_CONTROLLERS = ("freezer", "memory", "pids")
+
+
+def hierarchies() -> dict[str, Path]:
+    """Mount points keyed by 'cgroup2' or the v1 controller name (first mount of each wins)."""
+    found: dict[str, Path] = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fstype, _source, options = right.split()[:3]
+            mountpoint = Path(left.split()[4].replace("\\040", " "))
+            if fstype == "cgroup2":
+                found.setdefault("cgroup2", mountpoint)
+            elif fstype == "cgroup":
+                for opt in options.split(","):
+                    if opt in V1_CONTROLLERS:
+                        found.setdefault(opt, mountpoint)
+    return found
+
+
+def paths(name: str) -> dict[str, Path]:
+    return {kind: mount / "memsnap" / name for kind, mount in hierarchies().items()}
+
+
+def create(name: str) -> dict[str, Path]:
+    made = paths(name)
+    for path in made.values():
+        path.mkdir(parents=True, exist_ok=True)
+    return made
+
+
+def join(name: str, pid: int = 0) -> None:
+    """Move ``pid`` (0 = the caller) into the node's cgroups."""
+    for path in paths(name).values():
+        if path.is_dir():
+            (path / "cgroup.procs").write_text(f"{pid or os.getpid()}\n")
+
+
+def _subtree(path: Path) -> list[Path]:
+    """path and every cgroup below it (tools in the node may make their own), deepest first."""
+    if not path.is_dir():
+        return []
+    return [Path(d) for d, _, _ in os.walk(path, topdown=False)]
+
+
+def pids(name: str) -> set[int]:
+    """Every task in the node's cgroups, sub-cgroups included."""
+    found: set[int] = set()
+    for path in paths(name).values():
+        for cg in _subtree(path):
+            try:
+                found.update(int(p) for p in (cg / "cgroup.procs").read_text().split())
+            except FileNotFoundError:
+                pass
+    return found
+
+
+def freeze(name: str, timeout: float = 10.0) -> None:
+    """Freeze every task of the node (cgroup2's cgroup.freeze if there is one, else the v1 freezer)."""
+    found = paths(name)
+    if "cgroup2" in found:
+        (found["cgroup2"] / "cgroup.freeze").write_text("1\n")
+        done = lambda: "frozen 1" in (found["cgroup2"] / "cgroup.events").read_text()  # noqa: E731
+    elif "freezer" in found:
+        (found["freezer"] / "freezer.state").write_text("FROZEN\n")
+        done = lambda: (found["freezer"] / "freezer.state").read_text().strip() == "FROZEN"  # noqa: E731
+    else:
+        raise RuntimeError("no freezer: neither cgroup2 nor the v1 freezer is mounted")
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"cgroup of {name} did not freeze within {timeout} s")
+        time.sleep(0.01)
+
+
+def thaw(name: str) -> None:
+    """Undo freeze(), also of sub-cgroups frozen from inside the node (frozen tasks cannot even die)."""
+    controls = {"freezer": ("freezer.state", "THAWED"), "cgroup2": ("cgroup.freeze", "0")}
+    for kind, path in paths(name).items():
+        if kind not in controls:
+            continue
+        control, value = controls[kind]
+        for cg in reversed(_subtree(path)):  # top-down
+            try:
+                (cg / control).write_text(value + "\n")
+            except FileNotFoundError:
+                pass
+
+
+def kill_all(name: str, timeout: float = 10.0) -> None:
+    """SIGKILL every task in the node's cgroups and wait until they are gone."""
+    thaw(name)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = pids(name)
+        if not left:
+            return
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"cgroup of {name} still has tasks {sorted(left)} after SIGKILL")
+        time.sleep(0.05)
+
+
+def remove(name: str) -> None:
+    """Remove the node's (empty) cgroups, sub-cgroups first."""
+    for path in paths(name).values():
+        for cg in _subtree(path):
+            _rmdir(cg)
+        parent = path.parent
+        if parent.is_dir() and not any(p.is_dir() for p in parent.iterdir()):
+            _rmdir(parent)  # the shared memsnap/ directory goes with the last node
+
+
+def _rmdir(path: Path) -> None:
+    for _ in range(50):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:  # dying tasks still charged: retry briefly
+                time.sleep(0.05)
+                continue
+            raise

@@ -1,0 +1,1 @@
+"""Tests of local nodes (a package, so its conftest does not clash with tests/conftest.py)."""
