@@ -72,7 +72,7 @@ def run(mib: int = 1024) -> str:
             freeze_rows.append([f"{percent} %/s", f"{fin['freeze_seconds']:.3f}", f"{fin['bytes'] / MIB:.1f}",
                                 f"{plain_s:.3f}", f"{plain_s / fin['freeze_seconds']:.1f}x"])
     finally:
-        sh(f"rm -rf {BASE}; pkill -f {WORKLOAD} || true; memsnap untrack || true")
+        sh(f"rm -rf {BASE}; pkill -f '[w]orkload.py' || true; memsnap untrack || true")
     return (table(["dirty rate", "full layer MiB", "incr. layer MiB", "incr. s", "criu dump MiB",
                    "criu dump s", "criu/incr. size"], rows)
             + "\n\nfinal checkpoint freeze vs plain criu dump (the workload stands still throughout)\n"

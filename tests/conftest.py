@@ -134,3 +134,6 @@ def leftovers(pid: int) -> dict:
 
 
 CLEAN = {"uffd_fds": [], "armed_vmas": 0, "stopped": []}
+
+
+from memsnap.nodes.testing import local_nodes  # noqa: E402,F401  (session fixture: node-1, node-2)

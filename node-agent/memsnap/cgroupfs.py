@@ -1,12 +1,15 @@
 """Where the cgroup hierarchies are mounted, and a process's cgroup in each."""
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 V1_CONTROLLERS = ("freezer", "memory", "pids", "cpu", "cpuacct")
 
 
-def hierarchies(mountinfo: str = "/proc/self/mountinfo") -> dict[str, Path]:
+def hierarchies(controllers: tuple[str, ...] = V1_CONTROLLERS,
+                mountinfo: str = "/proc/self/mountinfo") -> dict[str, Path]:
     """Mount points keyed by 'cgroup2' or a v1 controller name (the first mount of each wins)."""
     found: dict[str, Path] = {}
     with open(mountinfo) as f:
@@ -18,7 +21,7 @@ def hierarchies(mountinfo: str = "/proc/self/mountinfo") -> dict[str, Path]:
                 found.setdefault("cgroup2", mountpoint)
             elif fstype == "cgroup":
                 for opt in options.split(","):
-                    if opt in V1_CONTROLLERS:
+                    if opt in controllers:
                         found.setdefault(opt, mountpoint)
     return found
 
@@ -34,3 +37,45 @@ def membership(pid: int) -> dict[str, str]:
             for c in controllers.split(","):
                 out[c] = path
     return out
+
+
+class FreezeError(Exception):
+    pass
+
+
+@dataclass
+class Freezer:
+    """One cgroup's freezer: cgroup2's cgroup.freeze, or the v1 freezer's freezer.state."""
+
+    path: Path
+    v2: bool
+
+    def freeze(self, timeout: float = 10.0) -> None:
+        if self.v2:
+            (self.path / "cgroup.freeze").write_text("1")
+        else:
+            (self.path / "freezer.state").write_text("FROZEN")
+        deadline = time.monotonic() + timeout
+        while not self.frozen():
+            if time.monotonic() > deadline:
+                self.thaw()
+                raise FreezeError(f"{self.path} did not freeze within {timeout} s")
+            time.sleep(0.0005)
+
+    def thaw(self) -> None:
+        if self.v2:
+            (self.path / "cgroup.freeze").write_text("0")
+        else:
+            (self.path / "freezer.state").write_text("THAWED")
+
+    def frozen(self) -> bool:
+        if self.v2:
+            return "frozen 1" in (self.path / "cgroup.events").read_text()
+        return (self.path / "freezer.state").read_text().strip() == "FROZEN"
+
+    def remove(self) -> None:
+        """Drop the cgroup once nothing is left in it."""
+        try:
+            self.path.rmdir()
+        except OSError:
+            pass

@@ -16,6 +16,7 @@ COMMANDS = [
     "memsnap.commands.untrack",
     "memsnap.commands.backends",
     "memsnap.commands.checkpoint",
+    "memsnap.commands.nodes",
     "memsnap.commands.demo",
 ]
 

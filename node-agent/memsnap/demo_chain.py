@@ -41,7 +41,7 @@ def run() -> int:
     try:
         return _chain()
     finally:
-        sh("sh", "-c", f"rm -rf {DIR}; pkill -f {WORKLOAD} || true")
+        sh("sh", "-c", f"rm -rf {DIR}; pkill -f '[w]orkload.py' || true")
         if NODE not in were_up:
             nodes.down([NODE])
 

@@ -5,54 +5,10 @@ target's current cgroup and moves the tree into it, so nothing else in the old c
 """
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
 from .. import cgroupfs, procfs
+from ..cgroupfs import Freezer, FreezeError
 
-
-class FreezeError(Exception):
-    pass
-
-
-@dataclass
-class Freezer:
-    path: Path
-    v2: bool
-
-    def freeze(self, timeout: float = 10.0) -> None:
-        if self.v2:
-            (self.path / "cgroup.freeze").write_text("1")
-        else:
-            (self.path / "freezer.state").write_text("FROZEN")
-        self._wait(True, timeout)
-
-    def thaw(self) -> None:
-        if self.v2:
-            (self.path / "cgroup.freeze").write_text("0")
-        else:
-            (self.path / "freezer.state").write_text("THAWED")
-
-    def frozen(self) -> bool:
-        if self.v2:
-            return "frozen 1" in (self.path / "cgroup.events").read_text()
-        return (self.path / "freezer.state").read_text().strip() == "FROZEN"
-
-    def remove(self) -> None:
-        """Drop the cgroup once nothing is left in it (after a final dump stopped the tree)."""
-        try:
-            self.path.rmdir()
-        except OSError:
-            pass
-
-    def _wait(self, want: bool, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while self.frozen() != want:
-            if time.monotonic() > deadline:
-                self.thaw()
-                raise FreezeError(f"{self.path} did not freeze within {timeout} s")
-            time.sleep(0.0005)
+__all__ = ["Freezer", "FreezeError", "own_cgroup"]
 
 
 def own_cgroup(root: int) -> Freezer:

@@ -13,24 +13,13 @@ import signal
 import time
 from pathlib import Path
 
+from memsnap import cgroupfs
+
 V1_CONTROLLERS = ("freezer", "memory", "pids")
 
 
 def hierarchies() -> dict[str, Path]:
-    """Mount points keyed by 'cgroup2' or the v1 controller name (first mount of each wins)."""
-    found: dict[str, Path] = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            left, _, right = line.partition(" - ")
-            fstype, _source, options = right.split()[:3]
-            mountpoint = Path(left.split()[4].replace("\\040", " "))
-            if fstype == "cgroup2":
-                found.setdefault("cgroup2", mountpoint)
-            elif fstype == "cgroup":
-                for opt in options.split(","):
-                    if opt in V1_CONTROLLERS:
-                        found.setdefault(opt, mountpoint)
-    return found
+    return cgroupfs.hierarchies(V1_CONTROLLERS)
 
 
 def paths(name: str) -> dict[str, Path]:
@@ -73,19 +62,10 @@ def pids(name: str) -> set[int]:
 def freeze(name: str, timeout: float = 10.0) -> None:
     """Freeze every task of the node (cgroup2's cgroup.freeze if there is one, else the v1 freezer)."""
     found = paths(name)
-    if "cgroup2" in found:
-        (found["cgroup2"] / "cgroup.freeze").write_text("1\n")
-        done = lambda: "frozen 1" in (found["cgroup2"] / "cgroup.events").read_text()  # noqa: E731
-    elif "freezer" in found:
-        (found["freezer"] / "freezer.state").write_text("FROZEN\n")
-        done = lambda: (found["freezer"] / "freezer.state").read_text().strip() == "FROZEN"  # noqa: E731
-    else:
+    kind = "cgroup2" if "cgroup2" in found else "freezer" if "freezer" in found else None
+    if kind is None:
         raise RuntimeError("no freezer: neither cgroup2 nor the v1 freezer is mounted")
-    deadline = time.monotonic() + timeout
-    while not done():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"cgroup of {name} did not freeze within {timeout} s")
-        time.sleep(0.01)
+    cgroupfs.Freezer(found[kind], v2=kind == "cgroup2").freeze(timeout)
 
 
 def thaw(name: str) -> None:
