@@ -184,3 +184,30 @@ def test_target_dying_mid_checkpoint(wl):
     assert failed.returncode == 1
     assert f"pid {w.pid}" in failed.stderr
     assert sh("ls /var/lib/memsnap-test").stdout.split() == ["l1"]
+
+
+def test_flattened_and_pruned_chains_stay_restorable(wl):
+    w = wl(mib=16, churn=1000)
+    checkpoint(w.pid, "l1")
+    for i in (2, 3, 4):
+        time.sleep(0.3)
+        checkpoint(w.pid, f"l{i}", f"l{i - 1}")
+    w.stop_churn()
+    before = w.region_hash()
+    checkpoint(w.pid, "final", "l4", final=True)
+    base = "/var/lib/memsnap-test"
+    flat = json.loads(memsnap("chain", "flatten", "--dir", f"{base}/final", "--to", f"{base}/flat").stdout)
+    assert flat["dir"] == f"{base}/flat"
+    layers = [json.loads(line) for line in memsnap("chain", "show", "--dir", f"{base}/flat").stdout.splitlines()]
+    assert len(layers) == 1 and layers[0]["kind"] == "final"
+    removed = json.loads(memsnap("chain", "prune", "--dir", f"{base}/final", "--keep", "2").stdout)["removed"]
+    assert sorted(removed) == [f"{base}/l1", f"{base}/l2", f"{base}/l3"]
+    layers = [json.loads(line) for line in memsnap("chain", "show", "--dir", f"{base}/final").stdout.splitlines()]
+    assert [layer["dir"] for layer in layers] == [f"{base}/final", f"{base}/l4"]
+    memsnap("chain", "verify", "--dir", f"{base}/final")
+    restored = json.loads(memsnap("restore", "--dir", f"{base}/final").stdout)
+    assert w.region_hash(restored["pid"]) == before
+    sh(f"kill -9 {restored['pid']}")
+    time.sleep(0.2)
+    restored = json.loads(memsnap("restore", "--dir", f"{base}/flat").stdout)
+    assert w.region_hash(restored["pid"]) == before
