@@ -43,7 +43,8 @@ def memsnap(*args: str) -> dict:
 def criu_dump(pid: int, directory: str, leave_running: bool) -> tuple[float, int]:
     began = time.monotonic()
     sh(f"mkdir -p {directory} && criu dump -t {pid} -D {directory} -o dump.log "
-       + ("--leave-running" if leave_running else ""))
+       + ("--leave-running" if leave_running else "")
+       + f" || {{ grep Error {directory}/dump.log | tail -3 >&2; exit 1; }}")
     seconds = time.monotonic() - began
     return seconds, int(sh(f"du -sb {directory} | cut -f1"))
 
@@ -69,7 +70,8 @@ def run(mib: int = 1024) -> str:
                          f"{inc['seconds']:.2f}", f"{criu_bytes / MIB:.0f}", f"{criu_s:.2f}",
                          f"{criu_bytes / max(inc['bytes'], 1):.0f}x"])
             plain_s, _ = criu_dump(plain_pid, f"{d}/criu-plain", leave_running=False)
-            freeze_rows.append([f"{percent} %/s", f"{fin['freeze_seconds']:.3f}", f"{fin['bytes'] / MIB:.1f}",
+            phases = " ".join(f"{k} {v:.3f}" for k, v in fin["phases"].items())
+            freeze_rows.append([f"{percent} %/s", f"{fin['freeze_seconds']:.3f} ({phases})", f"{fin['bytes'] / MIB:.1f}",
                                 f"{plain_s:.3f}", f"{plain_s / fin['freeze_seconds']:.1f}x"])
     finally:
         sh(f"rm -rf {BASE}; pkill -f '[w]orkload.py' || true; memsnap untrack || true")

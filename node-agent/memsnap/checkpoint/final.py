@@ -33,21 +33,25 @@ def write(root: int, target: Path, parent: Path | None, selection: VmaSelection 
         with LayerWriter(target) as out:
             for t in trackers.values():
                 t.drop_target_fd()  # CRIU cannot dump a userfaultfd; our duplicate keeps tracking
-            began = time.monotonic()
+            clock = _Phases()
             freezer.freeze()
+            clock.mark("freeze")
             dirty = {pid: t.collect().dirty for pid, t in trackers.items()}
+            clock.mark("collect")
             for t in trackers.values():
                 t.close()  # unprotect while frozen: CRIU must see plain page tables
             trackers = {}
+            clock.mark("release")
             criu.dump(root, out.dir, freezer.path)
-            frozen_for = time.monotonic() - began
+            clock.mark("criu dump")
+            frozen_for = clock.total()
             rel = out.link_parent(parent)
             pages, described = _delta(out.dir, parent, dirty)
             manifest = Manifest(kind="final", parent=rel, pids=sorted(pids),
                                 backend="criu", pages=pages, bytes=pages * PAGE,
                                 described_pages=described, freeze_seconds=round(frozen_for, 6),
                                 how="uffd-wp dirty set + criu dump, converted to a delta" if parent
-                                else "criu dump (no chain)")
+                                else "criu dump (no chain)", phases=clock.phases)
             layer = out.commit(manifest)
         freezer.remove()
         return layer
@@ -57,6 +61,22 @@ def write(root: int, target: Path, parent: Path | None, selection: VmaSelection 
         if procfs.alive(root):
             freezer.thaw()
         raise
+
+
+class _Phases:
+    """Where the freeze time goes."""
+
+    def __init__(self):
+        self.began = self.last = time.monotonic()
+        self.phases: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.monotonic()
+        self.phases[name] = round(now - self.last, 6)
+        self.last = now
+
+    def total(self) -> float:
+        return self.last - self.began
 
 
 def _delta(directory: Path, parent: Path | None, dirty: dict[int, PageRanges]) -> tuple[int, int]:

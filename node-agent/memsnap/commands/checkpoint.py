@@ -54,7 +54,7 @@ def run_checkpoint(args) -> int:
     m = chain.load(layer, verify=False)[0].manifest
     print(json.dumps({"dir": str(layer), "kind": m.kind, "pages": m.pages, "bytes": m.bytes,
                       "described_pages": m.described_pages, "backend": m.backend,
-                      "freeze_seconds": m.freeze_seconds, "seconds": m.seconds}))
+                      "freeze_seconds": m.freeze_seconds, "phases": m.phases, "seconds": m.seconds}))
     return 0
 
 

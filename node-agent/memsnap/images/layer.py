@@ -37,6 +37,7 @@ class Manifest:
     freeze_seconds: float | None = None  # final layers: how long the workload stood still
     seconds: float | None = None  # how long writing the layer took
     how: str = ""  # final layers: how the delta was made
+    phases: dict[str, float] = field(default_factory=dict)  # final layers: seconds per step
     format: str = FORMAT
 
     def to_json(self) -> str:
