@@ -211,3 +211,14 @@ def test_flattened_and_pruned_chains_stay_restorable(wl):
     time.sleep(0.2)
     restored = json.loads(memsnap("restore", "--dir", f"{base}/flat").stdout)
     assert w.region_hash(restored["pid"]) == before
+
+
+def test_engine_choice_is_reported(wl):
+    w = wl(mib=4, churn=100)
+    layer = checkpoint(w.pid, "l1")
+    assert layer["engine"] == "memsnap"
+    criu_own = memsnap("checkpoint", "--pid", str(w.pid), "--dir", "/var/lib/memsnap-test/c1",
+                       "--engine", "criu", check=False)
+    # This kernel has no soft-dirty: CRIU's own incremental dumps are refused, with the reason.
+    assert criu_own.returncode == 2
+    assert "need soft-dirty tracking" in criu_own.stderr

@@ -44,3 +44,28 @@ def _tail(log: Path, lines: int = 3) -> str:
         return " | ".join((errors or log.read_text(errors="replace").splitlines())[-lines:])
     except OSError:
         return ""
+
+
+def has_dirty_tracking() -> tuple[bool, str]:
+    """Whether CRIU can track memory itself (soft-dirty): its --track-mem incremental dumps."""
+    result = subprocess.run([binary(), "check", "--feature", "mem_dirty_track"], capture_output=True, text=True)
+    if result.returncode == 0:
+        return True, "criu check: mem_dirty_track is supported (soft-dirty)"
+    return False, "CRIU's own incremental dumps need soft-dirty tracking, which this kernel lacks"
+
+
+def pre_dump(pid: int, directory: Path, parent_rel: str | None) -> None:
+    """CRIU's own pre-copy layer (soft-dirty kernels only); it links `parent` itself."""
+    args = ["pre-dump", "-t", str(pid), "-D", str(directory), "--track-mem", "-o", "dump.log", "-v4"]
+    if parent_rel:
+        args += ["--prev-images-dir", parent_rel]
+    _run(args, directory / "dump.log")
+
+
+def dump_incremental(pid: int, directory: Path, parent_rel: str | None, freeze_cgroup: Path | None) -> None:
+    args = ["dump", "-t", str(pid), "-D", str(directory), "--track-mem", "-o", "dump.log", "-v4"]
+    if parent_rel:
+        args += ["--prev-images-dir", parent_rel]
+    if freeze_cgroup is not None:
+        args += ["--freeze-cgroup", str(freeze_cgroup)]
+    _run(args, directory / "dump.log")

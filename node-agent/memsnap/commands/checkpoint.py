@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..checkpoint import final, precopy
+from ..checkpoint import criu_chain, engine, final, precopy
 from ..checkpoint.criu import CriuError
 from ..checkpoint.freezer import FreezeError
 from ..checkpoint.restore import restore
@@ -26,6 +26,8 @@ def register(sub) -> None:
     p.add_argument("--final", action="store_true",
                    help="freeze, dump with CRIU and stop the process once the dump has succeeded")
     p.add_argument("--backend", default="auto", help="tracking backend for pre-copy layers")
+    p.add_argument("--engine", default="auto",
+                   help="auto, memsnap (memsnap's tracker) or criu (CRIU's soft-dirty tracking)")
     p.set_defaults(func=run_checkpoint)
 
     r = sub.add_parser("restore", help="restore the process a chain of layers ends with")
@@ -45,14 +47,19 @@ def run_checkpoint(args) -> int:
     if args.parent is not None and not args.parent.is_dir():
         raise UsageError(f"--parent {args.parent} is not a layer directory")
     try:
-        if args.final:
+        choice = engine.choose(args.engine)
+        if choice.engine == "criu":
+            layer = criu_chain.write(args.pid, args.dir, args.parent, args.final)
+        elif args.final:
             layer = final.write(args.pid, args.dir, args.parent)
         else:
             layer = precopy.write(args.pid, args.dir, args.parent, args.backend)
+    except engine.EngineError as exc:
+        raise UsageError(str(exc)) from None
     except FAILURES as exc:
         return _fail("checkpoint", exc)
     m = chain.load(layer, verify=False)[0].manifest
-    print(json.dumps({"dir": str(layer), "kind": m.kind, "pages": m.pages, "bytes": m.bytes,
+    print(json.dumps({"dir": str(layer), "engine": choice.engine, "engine_why": choice.why, "kind": m.kind, "pages": m.pages, "bytes": m.bytes,
                       "described_pages": m.described_pages, "backend": m.backend,
                       "freeze_seconds": m.freeze_seconds, "phases": m.phases, "seconds": m.seconds}))
     return 0
