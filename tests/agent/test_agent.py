@@ -1,0 +1,151 @@
+"""`memsnap agent` as a user runs it: a real server tracking real processes in real pod cgroups,
+checked over HTTP against the ground truth of the sample workload."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from conftest import CLEAN, leftovers
+from .conftest import wait_for
+
+pytestmark = pytest.mark.slow
+
+MIB = 1 << 20
+RATE = "memsnap_dirty_bytes_per_second"
+
+
+def labels(cg, container: str | None = None) -> dict:
+    """The series labels of a container without Kubernetes API: UID for pod, ID for container."""
+    return {"namespace": "", "pod": cg.pod_uid, "container": cg.container_id if container is None else container}
+
+
+def tracked(agent, cg) -> dict | None:
+    """The pod's API entry once its processes are tracked (a round has run), else None."""
+    pod = agent.pod(cg.pod_uid)
+    if pod and all(p.get("backend") for c in pod["containers"] for p in c["processes"]):
+        return pod
+    return None
+
+
+@pytest.mark.parametrize("layout", ["v1-cgroupfs-containerd", "v2-systemd-crio"])
+def test_dirty_rate_matches_a_known_workload(layout, agent, cgroups, workload):
+    # 4 MiB written over and over, every page several times per second: each 1 s round must
+    # report the whole region dirty, i.e. 4 MiB/s, plus the few pages the interpreter writes.
+    cg = cgroups.pod(layout)
+    w = workload(mib=4)
+    cgroups.place(w.pid, cg)
+    a = agent(interval=1.0)
+    wait_for(lambda: tracked(a, cg), what="the workload tracked")
+    w.send("churn 40000 30")
+
+    def steady():
+        rates = []
+        for _ in range(4):
+            wait_for(lambda: (v := a.value(RATE, **labels(cg))) is not None and v > 0, what="a rate")
+            rates.append(a.value(RATE, **labels(cg)))
+            cycles = a.value("memsnap_agent_cycles_total")
+            wait_for(lambda: a.value("memsnap_agent_cycles_total") > cycles, what="the next cycle")
+        return rates
+    rates = steady()
+    assert 4 * MIB * 0.95 <= max(rates) <= 4 * MIB * 1.25, [r / MIB for r in rates]
+    assert 4 * MIB * 0.95 <= sorted(rates)[1], [r / MIB for r in rates]
+
+    m = a.metrics()
+    tracked_bytes = m[("memsnap_tracked_bytes", tuple(sorted(labels(cg).items())))]
+    assert 4 * MIB < tracked_bytes < 64 * MIB  # the region plus the interpreter's own memory
+    wss = m[("memsnap_writable_working_set_bytes", tuple(sorted(labels(cg).items())))]
+    assert 4 * MIB <= wss < 4 * MIB + 8 * MIB
+    assert m[("memsnap_tracked_processes", tuple(sorted(labels(cg).items())))] == 1
+    pod = a.pod(cg.pod_uid)
+    assert pod["name"] == cg.pod_uid and pod["namespace"] == ""
+    assert [p["pid"] for p in pod["containers"][0]["processes"]] == [w.pid]
+
+
+def test_dirty_pages_count_exactly_the_pages_written(agent, cgroups, workload):
+    cg = cgroups.pod("v1-systemd-containerd")
+    w = workload(mib=16)
+    cgroups.place(w.pid, cg)
+    a = agent(interval=1.0)
+    wait_for(lambda: tracked(a, cg), what="the workload tracked")
+    key = ("memsnap_dirty_pages_total", tuple(sorted(labels(cg).items())))
+    before = wait_for(lambda: a.metrics().get(key), what="the dirty page counter") \
+        if a.metrics().get(key) is None else a.metrics()[key]
+    cycles = a.value("memsnap_agent_cycles_total")
+    w.send("write 0 3000")
+    w.send("write 1000 3000")  # overlaps: 4000 distinct pages, some written twice
+    wait_for(lambda: a.value("memsnap_agent_cycles_total") >= cycles + 2, what="two cycles")
+    grown = a.metrics()[key] - before
+    # 3000 + 3000 pages written; a page written twice within one round counts once
+    assert 4000 <= grown <= 6000 + 200, grown
+
+
+def test_pods_are_picked_up_and_dropped_within_an_interval(agent, cgroups, workload):
+    a = agent(interval=1.0)
+    cg = cgroups.pod("v2-cgroupfs-crio")
+    w = workload(mib=1)
+    cgroups.place(w.pid, cg)
+    wait_for(lambda: tracked(a, cg), timeout=2 * 1.0 + 3, what="the new pod tracked")
+    wait_for(lambda: a.value(RATE, **labels(cg)) is not None, timeout=5, what="its rate exported")
+    w.stop()
+    wait_for(lambda: a.pod(cg.pod_uid) is None, timeout=2 * 1.0 + 3, what="the pod dropped")
+    assert a.value(RATE, **labels(cg)) is None
+
+
+def test_memory_cap_skips_what_does_not_fit_and_says_why(agent, cgroups, workload):
+    first, second = cgroups.pod("v1-cgroupfs-containerd"), cgroups.pod("v1-cgroupfs-containerd")
+    w1, w2 = workload(mib=64), workload(mib=64)  # about 71 MiB of writable memory each
+    cgroups.place(w1.pid, first)
+    cgroups.place(w2.pid, second)
+    a = agent("--max-tracked-bytes", "100Mi", interval=1.0)
+    wait_for(lambda: a.value("memsnap_skipped_processes", reason="memory-limit") == 1, what="one skipped")
+    procs = [p for cg in (first, second) for c in a.pod(cg.pod_uid)["containers"] for p in c["processes"]]
+    assert sorted(p.get("skipped", "") for p in procs) == ["", "memory-limit"]
+    assert "cap" in next(p["detail"] for p in procs if p.get("skipped"))
+    assert a.value("memsnap_node_tracked_bytes") <= 100 * MIB
+    assert a.value("memsnap_node_tracked_bytes_limit") == 100 * MIB
+
+
+def test_api_takes_a_bearer_token_when_configured(agent, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text("s3cret\n")
+    a = agent("--token-file", str(token_file))
+    assert a.get("/api/v1/pods")[0] == 401
+    assert a.get("/api/v1/pods", token="wrong")[0] == 401
+    assert a.get("/api/v1/pods", token="s3cret")[0] == 200
+    assert a.get("/api/v1/status", token="s3cret")[0] == 200
+    for open_path in ("/metrics", "/healthz", "/readyz"):
+        assert a.get(open_path)[0] == 200, open_path
+
+
+def test_sigterm_leaves_every_target_clean(agent, cgroups, workload):
+    cg = cgroups.pod("v1-cgroupfs-containerd")
+    w = workload(mib=4)
+    cgroups.place(w.pid, cg)
+    a = agent(interval=1.0)
+    wait_for(lambda: tracked(a, cg), what="the workload tracked")
+    if a.pod(cg.pod_uid)["containers"][0]["processes"][0]["backend"] == "uffd-wp":
+        assert leftovers(w.pid)["uffd_fds"]  # armed: so the check below means something
+    assert a.stop(signal.SIGTERM) == 0
+    assert leftovers(w.pid) == CLEAN
+    w.send("write 0 10")  # and the workload runs on
+
+
+def test_sigkill_then_restart_resumes_tracking(agent, cgroups, workload):
+    cg = cgroups.pod("v2-systemd-crio")
+    w = workload(mib=4)
+    cgroups.place(w.pid, cg)
+    a = agent(interval=1.0)
+    wait_for(lambda: tracked(a, cg), what="the workload tracked")
+    a.stop(signal.SIGKILL)
+    w.send("write 0 100")  # a killed agent never blocks the workload (async write-protect)
+
+    b = agent(interval=1.0, port=a.port)
+    wait_for(lambda: tracked(b, cg), what="tracking resumed")
+    cycles = b.value("memsnap_agent_cycles_total")
+    w.send("write 0 500")
+    wait_for(lambda: b.value("memsnap_agent_cycles_total") >= cycles + 2, what="two cycles")
+    assert b.value("memsnap_dirty_pages_total", **labels(cg)) >= 500
+    assert b.api("/api/v1/status")["errors"] == {}
+    assert b.stop() == 0
+    assert leftovers(w.pid) == CLEAN
