@@ -128,12 +128,13 @@ def free_port() -> int:
 
 
 class Agent:
-    def __init__(self, *args: str, interval: float = 1.0, port: int | None = None, log: Path):
+    def __init__(self, *args: str, interval: float = 1.0, port: int | None = None, log: Path,
+                 kubeconfig: str = "none"):
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
         self.args = ["--listen", f"127.0.0.1:{self.port}", "--interval", str(interval),
-                     "--kubeconfig", "none", *args]
+                     "--kubeconfig", kubeconfig, *args]
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> Agent:

@@ -59,6 +59,8 @@ async def _background(app: web.Application):
     recovered = await loop.run_in_executor(worker, tracking_registry.recover)
     for line in recovered:
         log.info("recovered", extra={"action": line})
+    if state["directory"].available:  # names before the first cycle, so selection can apply
+        await asyncio.to_thread(state["directory"].refresh)
     task = asyncio.create_task(_cycles(app))
     meta = asyncio.create_task(_refresh_directory(app)) if state["directory"].available else None
     yield
@@ -96,8 +98,8 @@ async def _cycles(app: web.Application) -> None:
 async def _refresh_directory(app: web.Application) -> None:
     directory: PodDirectory = app[STATE]["directory"]
     while True:
-        await asyncio.to_thread(directory.refresh)
         await asyncio.sleep(app[CFG].interval)
+        await asyncio.to_thread(directory.refresh)
 
 
 # Open endpoints

@@ -8,6 +8,7 @@ memory and CPU caps allow, and publish an immutable `Snapshot` for /metrics and 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
@@ -141,8 +142,9 @@ class TrackerPool:
     def cycle(self) -> Snapshot:
         began = time.monotonic()
         pods = discovery.scan(self.cfg.proc)
+        me = os.getpid()  # in a DaemonSet the agent is a pod process too: never trace ourselves
         procs = {(p.pid, p.starttime): p for pod in pods.values()
-                 for c in pod.containers.values() for p in c.processes}
+                 for c in pod.containers.values() for p in c.processes if p.pid != me}
         self._end_vanished(procs)
         self._run_rounds()
         over_cpu = self._shed_for_cpu()
