@@ -2,6 +2,7 @@
 checked over HTTP against the ground truth of the sample workload."""
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
@@ -149,3 +150,31 @@ def test_sigkill_then_restart_resumes_tracking(agent, cgroups, workload):
     assert b.api("/api/v1/status")["errors"] == {}
     assert b.stop() == 0
     assert leftovers(w.pid) == CLEAN
+
+
+def test_cpu_cap_sheds_sessions_and_says_why(agent, cgroups, workload):
+    # A cap no agent can meet: it must shed its sessions rather than keep on regardless.
+    cgs = [cgroups.pod("v1-cgroupfs-containerd") for _ in range(2)]
+    for cg in cgs:
+        cgroups.place(workload(mib=4).pid, cg)
+    a = agent("--cpu-limit", "0.0001", interval=0.5)
+    wait_for(lambda: a.value("memsnap_skipped_processes", reason="cpu-limit"), what="a process shed for CPU")
+    procs = [p for cg in cgs for c in a.pod(cg.pod_uid)["containers"] for p in c["processes"]]
+    shed = [p for p in procs if p.get("skipped") == "cpu-limit"]
+    assert shed and "limit" in shed[0]["detail"]
+    assert a.value("memsnap_agent_cpu_seconds_total") > 0
+    assert a.value("memsnap_agent_cpu_limit_cores") == 0.0001
+
+
+def test_logs_are_json_lines_naming_what_is_tracked(agent, cgroups, workload):
+    cg = cgroups.pod("v1-cgroupfs-containerd")
+    w = workload(mib=1)
+    cgroups.place(w.pid, cg)
+    a = agent(interval=1.0)
+    wait_for(lambda: tracked(a, cg), what="the workload tracked")
+    a.stop()
+    entries = [json.loads(line) for line in a.log.read_text().splitlines()]
+    assert {"time", "level", "logger", "msg"} <= set(entries[0])
+    started = [e for e in entries if e["msg"] == "tracking" and e.get("pid") == w.pid]
+    assert started and started[0]["pod_uid"] == cg.pod_uid and started[0]["container_id"] == cg.container_id
+    assert entries[-1]["msg"].startswith("stopped")
