@@ -3,6 +3,7 @@ checked over HTTP against the ground truth of the sample workload."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 
 import pytest
@@ -125,11 +126,19 @@ def test_sigterm_leaves_every_target_clean(agent, cgroups, workload):
     cgroups.place(w.pid, cg)
     a = agent(interval=1.0)
     wait_for(lambda: tracked(a, cg), what="the workload tracked")
-    if a.pod(cg.pod_uid)["containers"][0]["processes"][0]["backend"] == "uffd-wp":
-        assert leftovers(w.pid)["uffd_fds"]  # armed: so the check below means something
-    assert a.stop(signal.SIGTERM) == 0
-    assert leftovers(w.pid) == CLEAN
-    w.send("write 0 10")  # and the workload runs on
+    child = int(w.send("fork 10"))  # forked after tracking began: holds a copy of the injected fd
+    try:
+        wait_for(lambda: (p := tracked(a, cg)) and len(p["containers"][0]["processes"]) == 2,
+                 what="the forked child tracked too")
+        assert a.value("memsnap_tracked_processes", **labels(cg)) == 2
+        if a.pod(cg.pod_uid)["containers"][0]["processes"][0]["backend"] == "uffd-wp":
+            assert leftovers(w.pid)["uffd_fds"]  # armed: so the checks below mean something
+        assert a.stop(signal.SIGTERM) == 0
+        assert leftovers(w.pid) == CLEAN
+        assert leftovers(child) == CLEAN
+        w.send("write 0 10")  # and the workload runs on
+    finally:
+        os.kill(child, signal.SIGKILL)
 
 
 def test_sigkill_then_restart_resumes_tracking(agent, cgroups, workload):

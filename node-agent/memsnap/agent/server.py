@@ -35,6 +35,9 @@ def make_app(cfg: Config) -> web.Application:
     app = web.Application(middlewares=[_auth(cfg.token)])
     directory = PodDirectory(cfg.kubeconfig, cfg.node_name)
     pool = TrackerPool(cfg, directory)
+    if cfg.selection.needs_metadata and not directory.available:
+        log.warning("namespace, selector and annotation filters need the Kubernetes API: "
+                    "no pod will be tracked (reason no-metadata)")
     app[CFG], app[POOL] = cfg, pool
     app[STATE] = {"directory": directory, "last_cycle": 0.0, "error": "",
                   "worker": concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memsnap-track")}
