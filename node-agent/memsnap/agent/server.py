@@ -56,7 +56,7 @@ def make_app(cfg: Config) -> web.Application:
 
 
 async def _background(app: web.Application):
-    state, pool, cfg = app[STATE], app[POOL], app[CFG]
+    state, pool = app[STATE], app[POOL]
     worker = state["worker"]
     loop = asyncio.get_running_loop()
     recovered = await loop.run_in_executor(worker, tracking_registry.recover)

@@ -175,7 +175,7 @@ class TrackerPool:
             except TargetGone:  # exited, or exec'd under a backend that cannot follow exec
                 self._end(key)
                 continue
-            except TrackingError as exc:
+            except Exception as exc:  # TrackingError, or a bug: one process must not stop the rest
                 self._fail(key, t.proc, exc)
                 self._end(key)
                 continue
@@ -215,22 +215,21 @@ class TrackerPool:
                 self.skips[key] = Skip("memory-limit", f"{size} bytes would exceed the node's cap "
                                                        f"of {self.cfg.max_tracked_bytes}")
                 continue
-            if self._start(key, proc) and budget is not None:
+            if self._start(key, proc, size) and budget is not None:
                 budget -= size
 
-    def _start(self, key: Key, proc: PodProcess) -> bool:
+    def _start(self, key: Key, proc: PodProcess, size: int) -> bool:
         session = open_session(proc.pid, self.cfg.backend, tree=False, selection=self.cfg.vmas)
         try:
             session.start()
-        except TrackingError as exc:
+        except Exception as exc:
             _quietly_stop(session)
             if isinstance(exc, TargetGone) or not _alive(proc):
-                return False
+                return False  # exited meanwhile: not an error
             self._fail(key, proc, exc)
             return False
         self.skips.pop(key, None)
-        self.tracked[key] = Tracked(proc, session, time.monotonic(),
-                                    tracked_bytes=_trackable_bytes(proc.pid, self.cfg))
+        self.tracked[key] = Tracked(proc, session, time.monotonic(), tracked_bytes=size)
         log.info("tracking", extra={"pid": proc.pid, "comm": proc.comm, "pod_uid": proc.cgroup.pod_uid,
                                     "container_id": proc.cgroup.container_id, "backend": session.backend})
         return True
@@ -271,10 +270,10 @@ class TrackerPool:
         t = self.tracked.pop(key)
         try:
             t.session.stop()
-        except TrackingError as exc:
+        except Exception as exc:
             self._fail(key, t.proc, exc)
 
-    def _fail(self, key: Key, proc: PodProcess, exc: TrackingError) -> None:
+    def _fail(self, key: Key, proc: PodProcess, exc: Exception) -> None:
         reason = error_reason(exc)
         self.errors[reason] += 1
         self.skips[key] = Skip("error", f"{reason}: {exc}",
@@ -338,8 +337,10 @@ class TrackerPool:
                              totals["dirty_pages"], events)
 
 
-def error_reason(exc: TrackingError) -> str:
+def error_reason(exc: Exception) -> str:
     """A short, bounded label for a tracking error (for metrics and alerts)."""
+    if not isinstance(exc, TrackingError):
+        return "internal"  # a bug of ours, logged with its message
     text = str(exc)
     for needle, reason in (("not permitted", "permission"), ("already tracked", "already-tracked"),
                            ("already uses userfaultfd", "uffd-in-use"), ("seccomp", "seccomp"),
@@ -365,5 +366,5 @@ def _alive(proc: PodProcess) -> bool:
 def _quietly_stop(session: TrackSession) -> None:
     try:
         session.stop()
-    except TrackingError:
-        pass
+    except Exception as exc:
+        log.warning("cleanup after a failed start failed", extra={"pid": session.pid, "error": str(exc)})
