@@ -187,3 +187,15 @@ def test_logs_are_json_lines_naming_what_is_tracked(agent, cgroups, workload):
     started = [e for e in entries if e["msg"] == "tracking" and e.get("pid") == w.pid]
     assert started and started[0]["pod_uid"] == cg.pod_uid and started[0]["container_id"] == cg.container_id
     assert entries[-1]["msg"].startswith("stopped")
+
+
+def test_an_agent_inside_a_pod_never_tracks_itself(agent, cgroups):
+    # In a DaemonSet the agent's own process sits in a pod cgroup like any other.
+    cg = cgroups.pod("v1-cgroupfs-containerd")
+    a = agent(interval=0.5)
+    cgroups.place(a.proc.pid, cg)
+    cycles = a.value("memsnap_agent_cycles_total")
+    wait_for(lambda: a.value("memsnap_agent_cycles_total") >= cycles + 3, what="three cycles")
+    assert a.pod(cg.pod_uid) is None
+    assert a.api("/api/v1/status")["errors"] == {}
+    assert a.get("/healthz")[0] == 200

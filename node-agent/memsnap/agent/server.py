@@ -21,7 +21,7 @@ from ..tracking import registry as tracking_registry
 from .config import Config
 from .metrics import make_registry
 from .pods import PodDirectory
-from .tracker_pool import Snapshot, TrackerPool
+from .tracker_pool import ProcessView, Snapshot, TrackerPool
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,15 @@ def pods_json(snap: Snapshot) -> list[dict]:
             "dirty_bytes_per_second": c.dirty_bytes_per_second, "dirty_pages_total": c.dirty_pages_total,
             "tracked_bytes": c.tracked_bytes, "writable_working_set_bytes": c.working_set_bytes,
             "vma_events": c.vma_events,
-            "processes": [{k: v for k, v in asdict(p).items() if v != "" or k in ("comm",)}
-                          for p in c.processes]})
+            "processes": [_process_json(p) for p in c.processes]})
     return list(pods.values())
+
+
+def _process_json(p: ProcessView) -> dict:
+    """A tracked process has no skipped/detail keys; a skipped one no measurements."""
+    if p.skipped:
+        return {"pid": p.pid, "comm": p.comm, "skipped": p.skipped, "detail": p.detail}
+    return {k: v for k, v in asdict(p).items() if k not in ("skipped", "detail")}
 
 
 async def api_pods(request: web.Request) -> web.Response:
