@@ -13,7 +13,7 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
-from ..tracking import PageRanges, TrackingError, open_session
+from ..tracking import PageRanges, Round, TrackingError, open_session
 from ..tracking.base import TargetGone
 from ..tracking.session import TrackSession
 from . import discovery
@@ -134,6 +134,7 @@ class TrackerPool:
         self.scan_buckets = [0] * len(SCAN_BUCKETS)
         self.scan_count, self.scan_sum = 0, 0.0
         self.cycles = 0
+        self.window_rounds = max(1, round(cfg.window / cfg.interval))
         self._cpu_marks: deque[tuple[float, float]] = deque(maxlen=CPU_CYCLES)
         self.snapshot = Snapshot()
 
@@ -179,19 +180,23 @@ class TrackerPool:
                 self._fail(key, t.proc, exc)
                 self._end(key)
                 continue
-            t.rounds += 1
-            t.dirty_pages_total += r.dirty_pages
-            t.dirty_bytes_per_second = r.dirty_bytes / r.interval_seconds if r.interval_seconds else 0.0
-            t.tracked_bytes, t.vmas, t.scan_seconds = r.tracked_bytes, r.vmas, r.scan_seconds
-            t.window.append((now, PageRanges(span for s in r.samples for span in s.dirty)))
-            while t.window and t.window[0][0] < now - self.cfg.window:
-                t.window.popleft()
-            totals = self._totals(t.proc)
-            totals["dirty_pages"] += r.dirty_pages
-            for s in r.samples:
-                for e in s.events:
-                    totals["vma:" + e.kind] += 1
-            self._observe_scan(r.scan_seconds)
+            self._record(t, r, now)
+
+    def _record(self, t: Tracked, r: Round, now: float) -> None:
+        t.rounds += 1
+        t.dirty_pages_total += r.dirty_pages
+        t.dirty_bytes_per_second = r.dirty_bytes / r.interval_seconds if r.interval_seconds else 0.0
+        t.tracked_bytes, t.vmas, t.scan_seconds = r.tracked_bytes, r.vmas, r.scan_seconds
+        t.window.append((now, PageRanges(span for s in r.samples for span in s.dirty)))
+        while len(t.window) > self.window_rounds:  # the rounds that make up the last --window
+            t.window.popleft()
+        # Container totals outlive the processes that fed them: counters never go backwards.
+        totals = self._totals(t.proc)
+        totals["dirty_pages"] += r.dirty_pages
+        for s in r.samples:
+            for e in s.events:
+                totals["vma:" + e.kind] += 1
+        self._observe_scan(r.scan_seconds)
 
     def _admit(self, procs: dict[Key, PodProcess], over_cpu: bool) -> None:
         now = time.monotonic()
