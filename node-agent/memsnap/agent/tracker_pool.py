@@ -20,6 +20,7 @@ from . import discovery
 from .config import Config
 from .discovery import PodProcess
 from .pods import PodDirectory, PodMeta, selected
+from .window import WindowUnion
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,8 @@ class Tracked:
     vmas: int = 0
     scan_seconds: float = 0.0
     rounds: int = 0
-    window: deque[tuple[float, PageRanges]] = field(default_factory=deque)
-
-    def working_set_bytes(self) -> int:
-        return PageRanges().union(*(r for _, r in self.window)).bytes if self.window else 0
+    window: WindowUnion | None = None
+    working_set_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,7 +151,7 @@ class TrackerPool:
         self._admit(procs, over_cpu)
         self._shed_for_memory()
         self.cycles += 1
-        self.snapshot = self._publish(procs, time.monotonic() - began)
+        self.snapshot = self._publish(procs, began)
         return self.snapshot
 
     def stop_all(self) -> None:
@@ -169,7 +168,6 @@ class TrackerPool:
             del self.skips[key]
 
     def _run_rounds(self) -> None:
-        now = time.monotonic()
         for key, t in list(self.tracked.items()):
             try:
                 r = t.session.round()
@@ -180,16 +178,15 @@ class TrackerPool:
                 self._fail(key, t.proc, exc)
                 self._end(key)
                 continue
-            self._record(t, r, now)
+            self._record(t, r)
 
-    def _record(self, t: Tracked, r: Round, now: float) -> None:
+    def _record(self, t: Tracked, r: Round) -> None:
         t.rounds += 1
         t.dirty_pages_total += r.dirty_pages
         t.dirty_bytes_per_second = r.dirty_bytes / r.interval_seconds if r.interval_seconds else 0.0
         t.tracked_bytes, t.vmas, t.scan_seconds = r.tracked_bytes, r.vmas, r.scan_seconds
-        t.window.append((now, PageRanges(span for s in r.samples for span in s.dirty)))
-        while len(t.window) > self.window_rounds:  # the rounds that make up the last --window
-            t.window.popleft()
+        t.window.push(PageRanges(span for s in r.samples for span in s.dirty))
+        t.working_set_bytes = t.window.union().bytes
         # Container totals outlive the processes that fed them: counters never go backwards.
         totals = self._totals(t.proc)
         totals["dirty_pages"] += r.dirty_pages
@@ -234,7 +231,8 @@ class TrackerPool:
             self._fail(key, proc, exc)
             return False
         self.skips.pop(key, None)
-        self.tracked[key] = Tracked(proc, session, time.monotonic(), tracked_bytes=size)
+        self.tracked[key] = Tracked(proc, session, time.monotonic(), tracked_bytes=size,
+                                    window=WindowUnion(self.window_rounds))
         log.info("tracking", extra={"pid": proc.pid, "comm": proc.comm, "pod_uid": proc.cgroup.pod_uid,
                                     "container_id": proc.cgroup.container_id, "backend": session.backend})
         return True
@@ -306,7 +304,7 @@ class TrackerPool:
 
     # Publishing
 
-    def _publish(self, procs: dict[Key, PodProcess], took: float) -> Snapshot:
+    def _publish(self, procs: dict[Key, PodProcess], began: float) -> Snapshot:
         groups: dict[tuple[str, str], list[ProcessView]] = {}
         for key, proc in sorted(procs.items()):
             groups.setdefault((proc.cgroup.pod_uid, proc.cgroup.container_id), []).append(self._view(key, proc))
@@ -318,7 +316,8 @@ class TrackerPool:
         backends = Counter(t.session.backend for t in self.tracked.values())
         api = "none" if not (self.directory and self.directory.available) else (self.directory.error or "ok")
         return Snapshot(time.time(), self.cycles, containers, dict(self.errors), dict(skipped),
-                        dict(backends), tuple(self.scan_buckets), self.scan_count, self.scan_sum, took,
+                        dict(backends), tuple(self.scan_buckets), self.scan_count, self.scan_sum,
+                        time.monotonic() - began,
                         time.process_time(), sum(t.tracked_bytes for t in self.tracked.values()), api)
 
     def _view(self, key: Key, proc: PodProcess) -> ProcessView:
@@ -327,7 +326,7 @@ class TrackerPool:
             skip = self.skips.get(key, Skip("pending", "tracked from the next cycle on"))
             return ProcessView(proc.pid, proc.comm, skipped=skip.reason, detail=skip.detail)
         return ProcessView(proc.pid, proc.comm, t.session.backend, t.tracked_bytes, t.vmas,
-                           t.dirty_bytes_per_second, t.dirty_pages_total, t.working_set_bytes(),
+                           t.dirty_bytes_per_second, t.dirty_pages_total, t.working_set_bytes,
                            t.scan_seconds)
 
     def _container(self, uid: str, cid: str, views: list[ProcessView]) -> ContainerView:
