@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 
 import pytest
 
 from conftest import CLEAN, leftovers
-from .conftest import wait_for
+from .conftest import AGENT, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -202,3 +203,12 @@ def test_an_agent_inside_a_pod_never_tracks_itself(agent, cgroups):
     assert a.pod(cg.pod_uid) is None
     assert a.api("/api/v1/status")["errors"] == {}
     assert a.get("/healthz")[0] == 200
+
+
+def test_a_taken_address_is_a_one_line_error(agent):
+    a = agent()
+    taken = subprocess.run([*AGENT, "--listen", f"127.0.0.1:{a.port}", "--kubeconfig", "none",
+                            "--log-format", "text"], capture_output=True, text=True, timeout=60)
+    assert taken.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{a.port}" in taken.stderr.splitlines()[-1]
+    assert a.get("/healthz")[0] == 200  # the running agent is unharmed

@@ -17,7 +17,6 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
-from ..tracking import registry as tracking_registry
 from .config import Config
 from .metrics import make_registry
 from .pods import PodDirectory
@@ -52,16 +51,13 @@ def make_app(cfg: Config) -> web.Application:
     return app
 
 
-# Background: recover, then a cycle every interval; on shutdown, stop every session
+# Background: a cycle every interval; on shutdown, stop every session
 
 
 async def _background(app: web.Application):
     state, pool = app[STATE], app[POOL]
     worker = state["worker"]
     loop = asyncio.get_running_loop()
-    recovered = await loop.run_in_executor(worker, tracking_registry.recover)
-    for line in recovered:
-        log.info("recovered", extra={"action": line})
     if state["directory"].available:  # names before the first cycle, so selection can apply
         await asyncio.to_thread(state["directory"].refresh)
     task = asyncio.create_task(_cycles(app))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from ..agent import config, logs
+from ..tracking import TrackingError, registry
 
 log = logging.getLogger("memsnap.agent")
 
@@ -25,7 +26,21 @@ def run(args) -> int:
                                 "backend": cfg.backend, "node": cfg.node_name,
                                 "max_tracked_bytes": cfg.max_tracked_bytes, "cpu_limit": cfg.cpu_limit,
                                 "api_token": bool(cfg.token)})
+    try:
+        # A previous agent killed with SIGKILL may have left targets armed: clean them first.
+        for action in registry.recover():
+            log.info("recovered", extra={"action": action})
+    except (TrackingError, OSError) as exc:  # e.g. not root: /run/memsnap is not ours
+        return _fail(f"cannot recover tracking state: {exc}")
     # run_app turns SIGTERM and SIGINT into a graceful shutdown: the app's cleanup stops every session.
-    web.run_app(make_app(cfg), host=cfg.listen_host, port=cfg.listen_port, print=None,
-                access_log=None, shutdown_timeout=10)
+    try:
+        web.run_app(make_app(cfg), host=cfg.listen_host, port=cfg.listen_port, print=None,
+                    access_log=None, shutdown_timeout=10)
+    except OSError as exc:  # the address is taken, or not ours to bind
+        return _fail(f"cannot listen on {cfg.listen_host}:{cfg.listen_port}: {exc.strerror or exc}")
     return 0
+
+
+def _fail(message: str) -> int:
+    log.error(message)
+    return 1
