@@ -211,4 +211,5 @@ def test_a_taken_address_is_a_one_line_error(agent):
                             "--log-format", "text"], capture_output=True, text=True, timeout=60)
     assert taken.returncode == 1
     assert f"cannot listen on 127.0.0.1:{a.port}" in taken.stderr.splitlines()[-1]
+    assert "recovered" not in taken.stderr and "tracking" not in taken.stderr  # it did nothing else
     assert a.get("/healthz")[0] == 200  # the running agent is unharmed

@@ -3,6 +3,7 @@ rates as Prometheus metrics and a JSON API."""
 from __future__ import annotations
 
 import logging
+import socket
 
 from ..agent import config, logs
 from ..tracking import TrackingError, registry
@@ -26,6 +27,11 @@ def run(args) -> int:
                                 "backend": cfg.backend, "node": cfg.node_name,
                                 "max_tracked_bytes": cfg.max_tracked_bytes, "cpu_limit": cfg.cpu_limit,
                                 "api_token": bool(cfg.token)})
+    try:  # bind before anything else: a second agent on a taken address must not start tracking
+        family = socket.AF_INET6 if ":" in cfg.listen_host else socket.AF_INET
+        sock = socket.create_server((cfg.listen_host, cfg.listen_port), family=family)
+    except OSError as exc:
+        return _fail(f"cannot listen on {cfg.listen_host}:{cfg.listen_port}: {exc.strerror or exc}")
     try:
         # A previous agent killed with SIGKILL may have left targets armed: clean them first.
         for action in registry.recover():
@@ -33,11 +39,7 @@ def run(args) -> int:
     except (TrackingError, OSError) as exc:  # e.g. not root: /run/memsnap is not ours
         return _fail(f"cannot recover tracking state: {exc}")
     # run_app turns SIGTERM and SIGINT into a graceful shutdown: the app's cleanup stops every session.
-    try:
-        web.run_app(make_app(cfg), host=cfg.listen_host, port=cfg.listen_port, print=None,
-                    access_log=None, shutdown_timeout=10)
-    except OSError as exc:  # the address is taken, or not ours to bind
-        return _fail(f"cannot listen on {cfg.listen_host}:{cfg.listen_port}: {exc.strerror or exc}")
+    web.run_app(make_app(cfg), sock=sock, print=None, access_log=None, shutdown_timeout=10)
     return 0
 
 
