@@ -108,6 +108,9 @@ def test_names_come_from_the_api_and_selection_applies(agent, api_server, cgroup
     pods = {p["uid"]: p for p in a.api()["pods"]}
     assert (pods[cart.pod_uid]["namespace"], pods[cart.pod_uid]["name"]) == ("shop", "cart-0")
     assert pods[cart.pod_uid]["containers"][0]["name"] == "cart"
+    assert a.api("/api/v1/pods/shop/cart-0")["uid"] == cart.pod_uid
+    assert a.api(f"/api/v1/pods/{cart.pod_uid}")["name"] == "cart-0"
+    assert a.get("/api/v1/pods/shop/nothing-here")[0] == 404
 
     def reasons(cg):
         return [(p.get("skipped", ""), p.get("detail", "")) for c in pods[cg.pod_uid]["containers"]

@@ -46,6 +46,7 @@ def make_app(cfg: Config) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/api/v1/pods", api_pods)
     app.router.add_get("/api/v1/pods/{uid}", api_pod)
+    app.router.add_get("/api/v1/pods/{namespace}/{name}", api_pod)
     app.router.add_get("/api/v1/status", api_status)
     app.cleanup_ctx.append(_background)
     return app
@@ -173,11 +174,13 @@ async def api_pods(request: web.Request) -> web.Response:
 
 
 async def api_pod(request: web.Request) -> web.Response:
-    uid = request.match_info["uid"]
+    """One pod, by UID or by namespace/name."""
+    m = request.match_info
+    wanted = m["uid"] if "uid" in m else f"{m['namespace']}/{m['name']}"
     for pod in pods_json(request.app[POOL].snapshot):
-        if uid in (pod["uid"], f"{pod['namespace']}/{pod['name']}"):
+        if wanted in (pod["uid"], f"{pod['namespace']}/{pod['name']}"):
             return web.json_response(pod)
-    return web.json_response({"error": f"no pod {uid} on this node"}, status=404)
+    return web.json_response({"error": f"no pod {wanted} on this node"}, status=404)
 
 
 async def api_status(request: web.Request) -> web.Response:
