@@ -11,7 +11,7 @@ import concurrent.futures
 import hmac
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,7 +26,17 @@ log = logging.getLogger(__name__)
 
 POOL = web.AppKey("pool", TrackerPool)
 CFG = web.AppKey("cfg", Config)
-STATE = web.AppKey("state", dict)
+
+
+@dataclass
+class AgentState:
+    directory: PodDirectory
+    worker: concurrent.futures.ThreadPoolExecutor  # one thread: every tracking call, in order
+    last_cycle: float = 0.0  # monotonic time of the last completed cycle, 0 before the first
+    error: str = ""  # why the last cycle failed, "" when it did not
+
+
+STATE = web.AppKey("state", AgentState)
 REGISTRY = web.AppKey("registry", object)
 
 
@@ -38,8 +48,7 @@ def make_app(cfg: Config) -> web.Application:
         log.warning("namespace, selector and annotation filters need the Kubernetes API: "
                     "no pod will be tracked (reason no-metadata)")
     app[CFG], app[POOL] = cfg, pool
-    app[STATE] = {"directory": directory, "last_cycle": 0.0, "error": "",
-                  "worker": concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memsnap-track")}
+    app[STATE] = AgentState(directory, concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memsnap-track"))
     app[REGISTRY] = make_registry(lambda: pool.snapshot, cfg, __version__)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
@@ -57,12 +66,12 @@ def make_app(cfg: Config) -> web.Application:
 
 async def _background(app: web.Application):
     state, pool = app[STATE], app[POOL]
-    worker = state["worker"]
+    worker = state.worker
     loop = asyncio.get_running_loop()
-    if state["directory"].available:  # names before the first cycle, so selection can apply
-        await asyncio.to_thread(state["directory"].refresh)
+    if state.directory.available:  # names before the first cycle, so selection can apply
+        await asyncio.to_thread(state.directory.refresh)
     task = asyncio.create_task(_cycles(app))
-    meta = asyncio.create_task(_refresh_directory(app)) if state["directory"].available else None
+    meta = asyncio.create_task(_refresh_directory(app)) if state.directory.available else None
     yield
     for t in (task, meta):
         if t:
@@ -80,13 +89,13 @@ async def _cycles(app: web.Application) -> None:
     next_due = time.monotonic()
     while True:
         try:
-            snap: Snapshot = await asyncio.shield(loop.run_in_executor(state["worker"], pool.cycle))
-            state["last_cycle"], state["error"] = time.monotonic(), ""
+            snap: Snapshot = await asyncio.shield(loop.run_in_executor(state.worker, pool.cycle))
+            state.last_cycle, state.error = time.monotonic(), ""
             log.debug("cycle", extra={"seconds": round(snap.cycle_seconds, 4), "containers": len(snap.containers)})
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug in one cycle must not end the agent: say so, try again
-            state["error"] = f"{type(exc).__name__}: {exc}"
+            state.error = f"{type(exc).__name__}: {exc}"
             log.exception("cycle failed")
         next_due += cfg.interval
         now = time.monotonic()
@@ -96,7 +105,7 @@ async def _cycles(app: web.Application) -> None:
 
 
 async def _refresh_directory(app: web.Application) -> None:
-    directory: PodDirectory = app[STATE]["directory"]
+    directory = app[STATE].directory
     while True:
         await asyncio.sleep(app[CFG].interval)
         await asyncio.to_thread(directory.refresh)
@@ -113,7 +122,7 @@ async def metrics(request: web.Request) -> web.Response:
 async def healthz(request: web.Request) -> web.Response:
     """Alive: the cycle loop has run within three intervals (a wedged worker fails this)."""
     state, cfg = request.app[STATE], request.app[CFG]
-    age = time.monotonic() - state["last_cycle"] if state["last_cycle"] else 0.0
+    age = time.monotonic() - state.last_cycle if state.last_cycle else 0.0
     if age > 3 * cfg.interval + 30:
         return web.json_response({"ok": False, "reason": f"no cycle for {age:.0f}s"}, status=503)
     return web.json_response({"ok": True})
@@ -122,10 +131,10 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     """Ready: a cycle completed, so /metrics and the API hold real numbers."""
     state = request.app[STATE]
-    if not state["last_cycle"]:
+    if not state.last_cycle:
         return web.json_response({"ready": False, "reason": "first cycle not done"}, status=503)
-    if state["error"]:
-        return web.json_response({"ready": False, "reason": state["error"]}, status=503)
+    if state.error:
+        return web.json_response({"ready": False, "reason": state.error}, status=503)
     return web.json_response({"ready": True})
 
 
@@ -191,4 +200,4 @@ async def api_status(request: web.Request) -> web.Response:
         "backends": snap.backends, "tracked_bytes": snap.tracked_bytes,
         "max_tracked_bytes": cfg.max_tracked_bytes, "cpu_seconds": snap.cpu_seconds,
         "cpu_limit_cores": cfg.cpu_limit, "skipped": snap.skipped, "errors": snap.errors,
-        "kube_api": snap.kube_api, "last_error": request.app[STATE]["error"]})
+        "kube_api": snap.kube_api, "last_error": request.app[STATE].error})
