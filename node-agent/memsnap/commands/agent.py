@@ -3,6 +3,7 @@ rates as Prometheus metrics and a JSON API."""
 from __future__ import annotations
 
 import logging
+import resource
 import socket
 
 from ..agent import config, logs
@@ -32,6 +33,7 @@ def run(args) -> int:
         sock = socket.create_server((cfg.listen_host, cfg.listen_port), family=family)
     except OSError as exc:
         return _fail(f"cannot listen on {cfg.listen_host}:{cfg.listen_port}: {exc.strerror or exc}")
+    _raise_fd_limit()
     try:
         # A previous agent killed with SIGKILL may have left targets armed: clean them first.
         for action in registry.recover():
@@ -41,6 +43,15 @@ def run(args) -> int:
     # run_app turns SIGTERM and SIGINT into a graceful shutdown: the app's cleanup stops every session.
     web.run_app(make_app(cfg), sock=sock, print=None, access_log=None, shutdown_timeout=10)
     return 0
+
+
+def _raise_fd_limit() -> None:
+    """Each tracked process holds a few fds (userfaultfd, pagemap, pidfd): a node with
+    thousands of pod processes would exceed the usual soft limit of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log.info("raised the open file limit", extra={"from": soft, "to": hard})
 
 
 def _fail(message: str) -> int:
