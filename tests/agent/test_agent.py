@@ -150,11 +150,14 @@ def test_sigkill_then_restart_resumes_tracking(agent, cgroups, workload):
     w = workload(mib=4)
     cgroups.place(w.pid, cg)
     a = agent(interval=1.0)
-    wait_for(lambda: tracked(a, cg), what="the workload tracked")
+    backend = wait_for(lambda: tracked(a, cg), what="the workload tracked")["containers"][0]["processes"][0]["backend"]
     a.stop(signal.SIGKILL)
     w.send("write 0 100")  # a killed agent never blocks the workload (async write-protect)
 
     b = agent(interval=1.0, port=a.port)
+    recovered = [json.loads(line) for line in b.log.read_text().splitlines() if '"recovered"' in line]
+    if backend == "uffd-wp":  # the one backend that leaves something in the target to clean
+        assert [e["action"] for e in recovered] == [f"cleaned pid {w.pid} left armed by killed tracker {a.proc.pid}"]
     wait_for(lambda: tracked(b, cg), what="tracking resumed")
     cycles = b.value("memsnap_agent_cycles_total")
     w.send("write 0 500")
