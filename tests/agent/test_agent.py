@@ -216,3 +216,23 @@ def test_a_taken_address_is_a_one_line_error(agent):
     assert f"cannot listen on 127.0.0.1:{a.port}" in taken.stderr.splitlines()[-1]
     assert "recovered" not in taken.stderr and "tracking" not in taken.stderr  # it did nothing else
     assert a.get("/healthz")[0] == 200  # the running agent is unharmed
+
+
+def test_a_process_that_cannot_be_tracked_is_reported_retried_and_unharmed(agent, cgroups, workload):
+    # Its seccomp filter refuses userfaultfd(): uffd-wp cannot inject, and must say so.
+    denied, fine = cgroups.pod("v1-cgroupfs-containerd"), cgroups.pod("v2-cgroupfs-crio")
+    w_denied, w_fine = workload(mib=1), workload(mib=1)
+    w_denied.send("seccomp-deny userfaultfd errno")
+    cgroups.place(w_denied.pid, denied)
+    cgroups.place(w_fine.pid, fine)
+    a = agent("--backend", "uffd-wp", interval=0.5)
+    wait_for(lambda: tracked(a, fine), what="the other pod tracked")
+    wait_for(lambda: a.value("memsnap_tracking_errors_total", reason="seccomp"), what="the error counted")
+    proc = a.pod(denied.pod_uid)["containers"][0]["processes"][0]
+    assert proc["skipped"] == "error" and "seccomp" in proc["detail"], proc
+    assert a.value("memsnap_skipped_processes", reason="error") == 1
+    # retried after 6 intervals, failing the same way
+    wait_for(lambda: a.value("memsnap_tracking_errors_total", reason="seccomp") >= 2, timeout=15,
+             what="a retry")
+    w_denied.send("write 0 10")
+    assert leftovers(w_denied.pid) == CLEAN
