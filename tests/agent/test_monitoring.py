@@ -6,6 +6,7 @@ import json
 import re
 import shutil
 import subprocess
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -85,7 +86,10 @@ class Prometheus:
             return json.loads(resp.read())["data"]
 
     def query(self, expr: str) -> list[dict]:
-        return self.api("query", query=expr)["result"]
+        try:
+            return self.api("query", query=expr)["result"]
+        except urllib.error.HTTPError as exc:
+            raise AssertionError(f"{expr}: {exc.read().decode()}") from None
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -152,3 +156,16 @@ def test_prometheus_scrapes_the_agent_until_the_convergence_alert_fires(
     assert 4 * MIB * 0.95 <= rate[busy.pod_uid] <= 4 * MIB * 1.25, rate
     assert rate[quiet.pod_uid] < 0.1 * MIB, rate
     assert prom.query('up{job="memsnap-agent"}')[0]["value"][1] == "1"
+
+    # Every dashboard query runs against this real data (Grafana variables set to "All").
+    dashboard = json.loads((MONITORING / "grafana-dashboard.json").read_text())
+    results = {}
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            expr = re.sub(r"\$(namespace|pod|instance)\b", ".*", target["expr"])
+            results[(panel["title"], target["refId"])] = prom.query(expr)  # raises on a bad query
+    for title in ("Dirty rate by pod", "Dirty rate vs migration bandwidth", "Writable working set (window)",
+                  "Tracked memory", "Agent CPU vs cap", "Tracked processes by backend"):
+        assert results[(title, "A")], title
+    over = {r["metric"]["pod"]: float(r["value"][1]) for r in results[("Dirty rate vs migration bandwidth", "A")]}
+    assert over[busy.pod_uid] >= 1 > over[quiet.pod_uid]
