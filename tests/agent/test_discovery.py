@@ -33,6 +33,12 @@ assert len(CID) == 64
     # nested under another runtime's cgroup (kind, a node in a container)
     (f"/docker/{'e' * 64}/kubepods/burstable/pod{UID}/{CID}",
      PodCgroup(UID, CID, "containerd", "burstable", "cgroupfs")),
+    # seen from an agent in a pod with its own cgroup namespace: relative to the agent's cgroup
+    (f"/../../kubepods-besteffort-pod{UID_}.slice/cri-containerd-{CID}.scope",
+     PodCgroup(UID, CID, "containerd", "besteffort", "systemd")),
+    (f"/../../../kubepods-burstable.slice/kubepods-burstable-pod{UID_}.slice/crio-{CID}.scope",
+     PodCgroup(UID, CID, "crio", "burstable", "systemd")),
+    (f"/../../pod{UID}/{CID}", PodCgroup(UID, CID, "containerd", "guaranteed", "cgroupfs")),
     # a process in the pod's cgroup but in no container's
     (f"/kubepods/burstable/pod{UID}", PodCgroup(UID, "", "", "burstable", "cgroupfs")),
     # static pods: the UID is a 32-hex config hash

@@ -12,7 +12,8 @@ the container ID. The two cgroup drivers spell them differently:
 A line of /proc/PID/cgroup is "N:controllers:path" for cgroup v1 and "0::path" for v2; on a
 hybrid host the same process has both, and kubelet may use either, so every line is tried
 (v2 first, then the v1 controllers kubelet always enables). Paths may be prefixed by a
-nested runtime's cgroup (kind, a cgroup namespace), so the pod segment is searched anywhere.
+nested runtime's cgroup (kind) or be relative to the agent's own cgroup namespace ("/../.."),
+so the pod segment is searched anywhere below kubelet's root.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ def parse_cgroup_path(path: str) -> PodCgroup | None:
     parts = [p for p in path.split("/") if p]
     for i, part in enumerate(parts):
         m = _POD.match(part)
-        if not m or not _under_kubepods(parts[:i]):
+        if not m or not (_under_kubepods(parts[:i]) or part.startswith("kubepods-")):
             continue
         uid = m.group(1).replace("_", "-").lower()
         driver = "systemd" if part.endswith(".slice") else "cgroupfs"
@@ -61,8 +62,10 @@ def parse_cgroup_path(path: str) -> PodCgroup | None:
 
 
 def _under_kubepods(parents: list[str]) -> bool:
-    """kubepods, kubepods.slice, kubepods-burstable.slice, ...: kubelet's root for pods."""
-    return any(p.startswith("kubepods") for p in parents)
+    """Under kubepods, kubepods.slice, kubepods-burstable.slice, ... (kubelet's root for pods),
+    or under "..": an agent in a pod with its own cgroup namespace sees other pods' paths
+    relative to its own cgroup, e.g. /../../pod<uid>/<id> for a pod of the same QoS class."""
+    return any(p.startswith("kubepods") for p in parents) or parents[:1] == [".."]
 
 
 def _qos(parts: list[str]) -> str:
