@@ -236,3 +236,18 @@ def test_a_process_that_cannot_be_tracked_is_reported_retried_and_unharmed(agent
              what="a retry")
     w_denied.send("write 0 10")
     assert leftovers(w_denied.pid) == CLEAN
+
+
+def test_exec_is_followed_and_counted(agent, cgroups, workload):
+    cg = cgroups.pod("v2-systemd-crio")
+    w = workload(mib=4)
+    cgroups.place(w.pid, cg)
+    a = agent(interval=0.5)
+    wait_for(lambda: tracked(a, cg), what="the workload tracked")
+    w.start("exec")
+    assert json.loads(w.proc.stdout.readline())["pid"] == w.pid  # the same process, a new image
+    wait_for(lambda: a.value("memsnap_vma_events_total", event="exec", **labels(cg)) == 1, what="exec counted")
+    before = a.value("memsnap_dirty_pages_total", **labels(cg))
+    w.send("write 0 1000")  # into the new image's region: tracked after the exec too
+    wait_for(lambda: a.value("memsnap_dirty_pages_total", **labels(cg)) >= before + 1000, what="writes counted")
+    assert a.value("memsnap_tracking_errors_total", reason="other") is None
