@@ -38,15 +38,13 @@ class Tracked:
 
     proc: PodProcess
     session: TrackSession
-    started: float
+    window: WindowUnion  # the last --window of rounds
+    tracked_bytes: int = 0
     dirty_pages_total: int = 0
     dirty_bytes_per_second: float = 0.0
-    tracked_bytes: int = 0
+    working_set_bytes: int = 0
     vmas: int = 0
     scan_seconds: float = 0.0
-    rounds: int = 0
-    window: WindowUnion | None = None
-    working_set_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,7 +179,6 @@ class TrackerPool:
             self._record(t, r)
 
     def _record(self, t: Tracked, r: Round) -> None:
-        t.rounds += 1
         t.dirty_pages_total += r.dirty_pages
         t.dirty_bytes_per_second = r.dirty_bytes / r.interval_seconds if r.interval_seconds else 0.0
         t.tracked_bytes, t.vmas, t.scan_seconds = r.tracked_bytes, r.vmas, r.scan_seconds
@@ -231,8 +228,7 @@ class TrackerPool:
             self._fail(key, proc, exc)
             return False
         self.skips.pop(key, None)
-        self.tracked[key] = Tracked(proc, session, time.monotonic(), tracked_bytes=size,
-                                    window=WindowUnion(self.window_rounds))
+        self.tracked[key] = Tracked(proc, session, WindowUnion(self.window_rounds), tracked_bytes=size)
         log.info("tracking", extra={"pid": proc.pid, "comm": proc.comm, "pod_uid": proc.cgroup.pod_uid,
                                     "container_id": proc.cgroup.container_id, "backend": session.backend})
         return True
