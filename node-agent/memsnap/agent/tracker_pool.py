@@ -220,7 +220,7 @@ class TrackerPool:
     def _start(self, key: Key, proc: PodProcess, size: int) -> bool:
         session = open_session(proc.pid, self.cfg.backend, tree=False, selection=self.cfg.vmas)
         try:
-            session.start()
+            session.start(recover=False)  # done once, when the agent starts
         except Exception as exc:
             _quietly_stop(session)
             if isinstance(exc, TargetGone) or not _alive(proc):

@@ -88,9 +88,12 @@ class TrackSession:
         first = next(iter(self.trackers.values()), None)
         return first.name if first else self.backend_name
 
-    def start(self) -> dict[int, PageRanges]:
+    def start(self, recover: bool = True) -> dict[int, PageRanges]:
+        """Arm the target(s). recover=False skips cleaning up after killed trackers (a
+        long-running agent does that once, at its own start)."""
         registry.check_access(self.pid)
-        registry.recover()
+        if recover:
+            registry.recover()
         tracker, baseline, self.why = registry.arm(self.pid, self.backend_name, self.selection)
         self.trackers[self.pid] = tracker
         baselines = {self.pid: baseline}
