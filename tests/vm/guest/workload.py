@@ -75,7 +75,7 @@ def serve(region: Region) -> None:
             check(libc.madvise(region.addr + nums[0] * PAGE, nums[1] * PAGE,
                                mmap.MADV_DONTNEED) == 0, "madvise")
         elif cmd == "mremap":
-            hole = libc.mmap(None, nums[0] * PAGE, mmap.PROT_NONE,
+            hole = libc.mmap(None, nums[0] * PAGE, 0,  # PROT_NONE
                              mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
             check(hole != MAP_FAILED, "mmap")
             new = libc.mremap(region.addr, region.pages * PAGE, nums[0] * PAGE,
