@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import time
 
 import pytest
 
@@ -58,6 +59,30 @@ def test_rearm_fires_again(trace, workload: Workload) -> None:
     assert [e.start for e in writes] == [workload.page(3), workload.page(4), workload.page(3)]
     # The re-arm's number splits the rounds.
     assert [e.seq < marks[1].seq for e in writes] == [True, True, False]
+
+
+def test_rearm_races_with_a_writer(trace, workload: Workload) -> None:
+    """Re-arm while another CPU keeps writing every page: each round, split by
+    the re-arms' sequence numbers, must report every page, and nothing is lost."""
+    workload.mark()
+    workload.do("spin", 0, workload.pages)
+    events = []
+    for _ in range(15):
+        start = int(workload.do("cycles"))
+        while int(workload.do("cycles")) < start + 2:  # a full pass after the re-arm
+            time.sleep(0.005)
+        workload.mark()
+        events += trace.read_events()
+    workload.do("stop")
+    events += trace.read_events()
+    seq = tracefs.SeqCheck()
+    seq.add(events)
+    assert trace.lost() == 0 and seq.missing(workload.pid) == []
+    marks = sorted(e.seq for e in of(events, workload.pid, "vma_marked"))
+    writes = of(events, workload.pid, "page_written")
+    every_page = {workload.page(p) for p in range(workload.pages)}
+    for lo, hi in zip(marks, marks[1:]):
+        assert {e.start for e in writes if lo < e.seq < hi} == every_page
 
 
 def test_self_mark_with_madvise(trace) -> None:

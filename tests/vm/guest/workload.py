@@ -8,6 +8,9 @@ line on stdin and answers "ok <result>" on stdout:
   mremap NEWPAGES   move the region to a fresh hole (MREMAP_FIXED), resizing it
   dontneed P N      madvise(MADV_DONTNEED) N pages from P
   fork-write P...   fork; the child writes those pages and exits; wait for it
+  spin P N          start a thread writing pages P..P+N-1 over and over
+  cycles            how many full passes the spinning thread has made
+  stop              stop the spinning thread
   munmap            unmap the region
   exit              exit
 """
@@ -18,6 +21,7 @@ import ctypes
 import mmap
 import os
 import sys
+import threading
 
 PAGE = mmap.PAGESIZE
 libc = ctypes.CDLL(None, use_errno=True)
@@ -60,7 +64,29 @@ class Region:
             ctypes.c_char.from_address(self.addr + p * PAGE).value = b"x"
 
 
+class Spinner:
+    """Writes a run of pages over and over, to race with re-arming."""
+
+    def __init__(self, region: Region, first: int, count: int):
+        self.cycles = 0
+        self._stop = threading.Event()
+        pages = list(range(first, first + count))
+
+        def run() -> None:
+            while not self._stop.is_set():
+                region.write(pages)
+                self.cycles += 1
+
+        self._thread = threading.Thread(target=run)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def serve(region: Region) -> None:
+    spinner = None
     for line in sys.stdin:
         cmd, *args = line.split()
         nums = [int(a) for a in args if a.lstrip("-").isdigit()]
@@ -90,6 +116,12 @@ def serve(region: Region) -> None:
                 os._exit(0)
             os.waitpid(pid, 0)
             result = str(pid)
+        elif cmd == "spin":
+            spinner = Spinner(region, nums[0], nums[1])
+        elif cmd == "cycles":
+            result = str(spinner.cycles)
+        elif cmd == "stop":
+            spinner.stop()
         elif cmd == "munmap":
             check(libc.munmap(region.addr, region.pages * PAGE) == 0, "munmap")
         elif cmd == "exit":
