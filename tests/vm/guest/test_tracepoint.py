@@ -120,6 +120,17 @@ def test_exit_fires_removal(trace, workload: Workload) -> None:
     assert [(e.start, e.end) for e in removed] == [(workload.addr, workload.addr + 64 * PAGE)]
 
 
+def test_exec_fires_removal(trace, workload: Workload) -> None:
+    workload.mark()
+    workload.do("exec")
+    removed: list[tracefs.Event] = []
+    deadline = time.monotonic() + 20
+    while not removed and time.monotonic() < deadline:
+        removed = of(trace.read_events(), workload.pid, "vma_removed")
+        time.sleep(0.05)
+    assert [(e.start, e.end) for e in removed] == [(workload.addr, workload.addr + 64 * PAGE)]
+
+
 def test_mprotect_split_and_partial_unmark(trace, workload: Workload) -> None:
     workload.mark()
     workload.do("mprotect", 8, 4, "r")   # splits the vma in three

@@ -12,6 +12,7 @@ line on stdin and answers "ok <result>" on stdout:
   cycles            how many full passes the spinning thread has made
   stop              stop the spinning thread
   munmap            unmap the region
+  exec              answer, then exec sleep (the old address space goes away)
   exit              exit
 """
 
@@ -124,6 +125,9 @@ def serve(region: Region) -> None:
             spinner.stop()
         elif cmd == "munmap":
             check(libc.munmap(region.addr, region.pages * PAGE) == 0, "munmap")
+        elif cmd == "exec":
+            print("ok", flush=True)
+            os.execv("/bin/sleep", ["sleep", "600"])
         elif cmd == "exit":
             print("ok", flush=True)
             return
