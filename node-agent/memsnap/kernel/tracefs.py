@@ -1,8 +1,10 @@
 """A tracefs instance of our own that records the memsnap events.
 
 Using an instance (``/sys/kernel/tracing/instances/<name>``) gives us ring
-buffers, a size and counters nobody else touches.  Events are read from the
-instance's text ``trace_pipe`` (consuming, non-blocking).  Loss shows two
+buffers, a size and counters nobody else touches.  Events are read either
+from the instance's text ``trace_pipe`` (``Instance.read_events``) or, with
+no formatting in the kernel, from the per-CPU binary ``trace_pipe_raw``
+(``RawReader``); both consume and never block.  Loss shows two
 ways: the per-CPU ``stats`` counters (overrun: overwritten when full;
 dropped events: rejected when full in non-overwrite mode) and, for losses
 no counter sees (recording off, event disabled or filtered), gaps in the
@@ -14,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,6 +166,99 @@ class Instance:
 
     def __exit__(self, *exc: object) -> None:
         self.remove()
+
+
+_FIELD = re.compile(r"field:[^;]*?(\w+);\s*offset:(\d+);\s*size:(\d+);")
+_MISSED_EVENTS = 1 << 31  # ring buffer page flag: events were lost before this page
+_MISSED_STORED = 1 << 30  # ... and their count follows the data
+_COMMIT_MASK = (1 << 30) - 1
+_PADDING, _TIME_EXTEND, _TIME_STAMP = 29, 30, 31
+
+
+class RawReader:
+    """Reads the instance's per-CPU ``trace_pipe_raw``: ring buffer pages.
+
+    Layouts come from tracefs (``events/header_page`` is fixed for 64-bit:
+    u64 timestamp, u64 commit with the missed-events flags, data; each event
+    is a u32 header of 5 bits type/length and 27 bits time delta), and the
+    payload offsets from each event's ``format``.  Assumes a little-endian
+    64-bit kernel.  ``missed`` counts events the pages say were lost.
+    """
+
+    def __init__(self, inst: Instance):
+        events = inst.path / "events" / SYSTEM
+        self._layout = {int((events / n / "id").read_text()): (n, self._offsets(events / n))
+                        for n in EVENTS}
+        subbuf = inst.path / "buffer_subbuf_size_kb"
+        self._page = int(subbuf.read_text()) * 1024 if subbuf.exists() else 4096
+        self._fds = {int(d.name[3:]): os.open(d / "trace_pipe_raw", os.O_RDONLY | os.O_NONBLOCK)
+                     for d in (inst.path / "per_cpu").iterdir()}
+        self.missed = 0
+
+    @staticmethod
+    def _offsets(event_dir: Path) -> tuple[int, int, int, int]:
+        fields = {m[1]: int(m[2]) for m in _FIELD.finditer((event_dir / "format").read_text())}
+        second = "start" if "start" in fields else "addr"
+        third = "end" if "end" in fields else "size"
+        return fields["seq"], fields[second], fields[third], fields["pid"]
+
+    def read_events(self) -> list[Event]:
+        """Everything recorded so far on every CPU, consumed, in time order."""
+        events: list[Event] = []
+        for cpu, fd in self._fds.items():
+            while True:
+                try:
+                    page = os.read(fd, self._page)
+                except BlockingIOError:
+                    break
+                if not page:
+                    break
+                events.extend(self._parse_page(page, cpu))
+        return sorted(events, key=lambda e: e.ts)
+
+    def _parse_page(self, page: bytes, cpu: int) -> Iterator[Event]:
+        page += b"\0" * 8  # so a header at the very end still unpacks
+        ts, commit = struct.unpack_from("<QQ", page, 0)
+        size = commit & _COMMIT_MASK
+        if commit & _MISSED_EVENTS:
+            stored = commit & _MISSED_STORED and 16 + size + 8 <= len(page)
+            self.missed += struct.unpack_from("<Q", page, 16 + size)[0] if stored else 1
+        off, end = 16, 16 + size
+        while off < end:
+            header, array0 = struct.unpack_from("<II", page, off)
+            kind, delta = header & 0x1F, header >> 5
+            if kind == _PADDING:
+                if delta == 0:
+                    break  # the rest of the page is unused
+                off += 4 + array0
+            elif kind == _TIME_EXTEND:
+                ts += (array0 << 27) + delta
+                off += 8
+            elif kind == _TIME_STAMP:
+                ts = (array0 << 27) | delta
+                off += 8
+            else:
+                ts += delta
+                data, length = (off + 4, kind * 4) if kind else (off + 8, array0 - 4)
+                event = self._decode(page, data, cpu, ts)
+                if event is not None:
+                    yield event
+                off = data + length
+
+    def _decode(self, page: bytes, data: int, cpu: int, ts: int) -> Event | None:
+        (event_id,) = struct.unpack_from("<H", page, data)
+        if event_id not in self._layout:
+            return None
+        name, (seq_off, a_off, b_off, pid_off) = self._layout[event_id]
+        seq, a, b = (struct.unpack_from("<Q", page, data + o)[0] for o in (seq_off, a_off, b_off))
+        (pid,) = struct.unpack_from("<i", page, data + pid_off)
+        end = a + b if name == "page_written" else b
+        return Event(name, pid, seq, a, end, cpu, ts / 1e9)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
 
 
 class SeqCheck:

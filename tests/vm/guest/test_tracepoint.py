@@ -199,6 +199,29 @@ def test_provoked_loss_is_detected_and_over_reports(workload_factory) -> None:
         trace.remove()
 
 
+def test_raw_reader_exact_and_loss() -> None:
+    """The binary trace_pipe_raw reader sees the same events, and the pages'
+    missed-events counts match the overrun counter and the sequence gaps."""
+    trace = tracefs.Instance.create("memsnap-raw", buffer_kb=4)
+    raw = tracefs.RawReader(trace)
+    w = Workload(4096)
+    try:
+        w.mark()
+        w.write(0, 3, 63)
+        events = raw.read_events()
+        assert [(e.name, e.start) for e in events] == \
+            [("vma_marked", w.addr)] + [("page_written", w.page(p)) for p in (0, 3, 63)]
+        w.write(*range(64, 4096, 2))
+        events += raw.read_events()
+        seq = tracefs.SeqCheck()
+        seq.add(events)
+        assert raw.missed == trace.lost() == len(seq.missing(w.pid)) > 0
+    finally:
+        w.stop()
+        raw.close()
+        trace.remove()
+
+
 def test_loss_with_recording_off_shows_in_sequence_numbers(trace, workload: Workload) -> None:
     """Losses no ring-buffer counter sees (tracing_on=0) still leave gaps."""
     workload.mark()
