@@ -98,7 +98,6 @@ def test_self_mark_with_madvise(trace) -> None:
         assert written(events, os.getpid()) == {addr + 2 * PAGE, addr + 6 * PAGE}
         assert len(of(events, os.getpid(), "vma_unmarked")) == 1
     finally:
-        del addr
         region.close()
 
 
