@@ -6,7 +6,7 @@ import pytest
 from memsnap.tracking import TrackingError, open_session
 from memsnap.tracking.registry import availability
 
-BACKENDS = ["uffd-wp", "soft-dirty"]
+BACKENDS = ["uffd-wp", "soft-dirty", "tracepoint"]
 
 
 @pytest.fixture(params=BACKENDS)

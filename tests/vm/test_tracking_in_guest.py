@@ -19,4 +19,4 @@ def test_tracking_suite_with_every_backend() -> None:
                        cwd=TOP, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     print(r.stdout[-5000:])
     assert r.returncode == 0, r.stdout[-5000:] + r.stderr[-2000:]
-    assert "skipped" not in r.stdout.splitlines()[-1], "a backend was unavailable in the guest"
+    assert "unavailable here" not in r.stdout, "a backend was unavailable in the guest"

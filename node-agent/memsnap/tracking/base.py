@@ -115,6 +115,14 @@ class Backend(abc.ABC):
         except FileNotFoundError:
             raise TargetGone(f"no process with pid {self.pid}") from None
 
+    @staticmethod
+    def mm_alive(pagemap_fd: int) -> bool:
+        """False once the address space a pagemap fd was opened on is gone (exec or exit)."""
+        try:
+            return len(os.pread(pagemap_fd, 8, 0)) == 8
+        except OSError:
+            return False
+
     def check_alive(self) -> None:
         if not procfs.alive(self.pid, self.starttime):
             raise TargetGone(f"pid {self.pid} exited")

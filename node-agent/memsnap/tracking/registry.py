@@ -4,20 +4,19 @@ from __future__ import annotations
 import os
 
 from .base import Availability, Backend, TrackingError
+from . import tracepoint
 from .soft_dirty import SoftDirty
+from .tracepoint import Tracepoint
 from .state import unowned_states
 from .uffd_wp import UffdWp, release_stale
 from .vmas import VmaSelection
 
 #: In order of preference for "auto": exact and freeze-free first.
-BACKENDS: dict[str, type[Backend]] = {"uffd-wp": UffdWp, "soft-dirty": SoftDirty}
+BACKENDS: dict[str, type[Backend]] = {"uffd-wp": UffdWp, "tracepoint": Tracepoint, "soft-dirty": SoftDirty}
 NAMES = ("auto", "uffd-wp", "soft-dirty", "tracepoint")
 
 
 def availability(name: str) -> Availability:
-    if name not in BACKENDS:
-        return Availability(False, f"the {name} backend needs a kernel with memsnap's write-event "
-                                   "patch (kernel/), not present here")
     return BACKENDS[name].availability()
 
 
@@ -87,13 +86,16 @@ def _fatal(exc: TrackingError) -> bool:
     return text.startswith("no process") or "exited" in text or "already tracked" in text
 
 
+_RELEASE = {UffdWp.name: release_stale, Tracepoint.name: tracepoint.release_stale}
+
+
 def recover() -> list[str]:
     """Clean targets left armed by trackers that were killed; returns what was done."""
     done = []
     for claim, state in unowned_states():
         try:
-            if state.mode == "active" and state.backend == UffdWp.name:
-                release_stale(state)
+            if state.mode == "active" and state.backend in _RELEASE:
+                _RELEASE[state.backend](state)
                 done.append(f"cleaned pid {state.pid} left armed by killed tracker {state.owner_pid}")
             if state.mode == "active":
                 claim.release()

@@ -82,7 +82,7 @@ class UffdWp(Backend):
         return baseline
 
     def collect(self) -> ProcessSample:
-        if not self._mm_alive():
+        if not self.mm_alive(self._pagemap):
             return self._rearm_after_exec()
         now, events = self.refresh_vmas()
         known = self.tracked_ranges()
@@ -229,13 +229,6 @@ class UffdWp(Backend):
     def _pages_with(self, anyof: int, start: int, end: int) -> PageRanges:
         return PageRanges((s, e) for s, e, _ in self._scanner.scan(
             start, end, anyof_mask=anyof, return_mask=anyof))
-
-    def _mm_alive(self) -> bool:
-        """False once the mm we armed is gone: the target exec'd or exited."""
-        try:
-            return len(os.pread(self._pagemap, 8, 0)) == 8
-        except OSError:
-            return False
 
     def _rearm_after_exec(self) -> ProcessSample:
         self.check_alive()
