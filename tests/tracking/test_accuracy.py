@@ -121,3 +121,23 @@ def test_unknown_backend_is_refused(workload):
     w = workload(mib=1)
     with pytest.raises(TrackingError, match="unknown backend 'nope'"):
         open_session(w.pid, "nope").start()
+
+
+def test_lost_events_over_report_never_under_report(workload, monkeypatch):
+    """A ring buffer far too small for the writes: the round says it lost events and reports
+    every page with data in the marked memory, so no written page is missing."""
+    if not availability("tracepoint").ok:
+        pytest.skip(f"tracepoint unavailable here: {availability('tracepoint').reason}")
+    monkeypatch.setenv("MEMSNAP_TRACE_BUFFER_KB", "4")
+    w = workload(mib=16)
+    w.send("write 0 4000")
+    with open_session(w.pid, "tracepoint") as session:
+        session.start()
+        w.send("write 0 3000")
+        r = session.round()
+        sample = next(s for s in r.samples if s.pid == w.pid)
+        assert sample.lost and r.as_json()["lost"]
+        assert w.pages(0, 3000) <= w.in_region(sample.dirty.addresses())
+        assert w.pages(0, 4000) <= w.in_region(sample.dirty.addresses())  # the whole marked memory
+        w.send("write 10 5")
+        assert dirty_in_region(session, w) == w.pages(10, 5)  # exact again once nothing is lost

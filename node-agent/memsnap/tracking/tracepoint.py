@@ -23,7 +23,7 @@ from .pages import PageRanges
 from .state import Claim, TargetState
 from .vmas import VmaEvent, VmaSelection
 
-BUFFER_KB = int(os.environ.get("MEMSNAP_TRACE_BUFFER_KB", "4096"))  # per CPU
+DEFAULT_BUFFER_KB = 4096  # per CPU; MEMSNAP_TRACE_BUFFER_KB overrides
 
 
 class _Hub:
@@ -37,7 +37,8 @@ class _Hub:
     _current: _Hub | None = None
 
     def __init__(self):
-        self.instance = tracefs.Instance.create(f"memsnap-tracker-{os.getpid()}", buffer_kb=BUFFER_KB)
+        size = int(os.environ.get("MEMSNAP_TRACE_BUFFER_KB", DEFAULT_BUFFER_KB))
+        self.instance = tracefs.Instance.create(f"memsnap-tracker-{os.getpid()}", buffer_kb=size)
         self.reader = tracefs.RawReader(self.instance)
         self.inbox: dict[int, list[tracefs.Event]] = {}
         self.lost_total = 0
