@@ -13,7 +13,7 @@ from . import accuracy, scan_cost, slowdown
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument("--max-mib", type=int, default=4096, help="largest region for the scan-cost benchmark")
-    p.add_argument("--only", choices=["scan", "slowdown", "accuracy", "checkpoint"])
+    p.add_argument("--only", choices=["scan", "slowdown", "accuracy", "checkpoint", "backends"])
     args = p.parse_args()
     backends = ", ".join(name for name, a in explain().items() if a.ok)
     print(f"# memsnap benchmarks, {time.strftime('%Y-%m-%d')}, Linux {platform.release()}, "
@@ -27,6 +27,10 @@ def main() -> None:
     if args.only in (None, "accuracy"):
         print("## 3. accuracy on known write patterns\n")
         print(accuracy.run(), "\n")
+    if args.only in (None, "backends"):
+        from . import backends
+        print("## 5. backends side by side\n")
+        print(backends.run(), "\n")
     if args.only in (None, "checkpoint"):
         from . import checkpoint_cost  # needs local nodes (CRIU)
         print("## 4. incremental layers vs full CRIU dumps, 1 GiB workload, in a local node\n")

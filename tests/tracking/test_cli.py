@@ -104,11 +104,11 @@ def test_tracepoint_missing_names_the_kernel_patch(workload):
 def test_tree_via_cli(workload):
     w = workload(mib=4)
     proc = subprocess.Popen([*MEMSNAP, "track", "--pid", str(w.pid), "--tree", "--json",
-                             "--interval", "0.2", "--duration", "1.2"], stdout=subprocess.PIPE, text=True)
-    time.sleep(0.3)
+                             "--interval", "0.2", "--duration", "4"], stdout=subprocess.PIPE, text=True)
+    first = proc.stdout.readline()  # tracking has started
     child = int(w.send("fork 3"))
     try:
-        rounds = json_lines(proc.communicate(timeout=20)[0])
+        rounds = json_lines(first + proc.communicate(timeout=60)[0])
     finally:
         os.kill(child, 9)
     assert proc.returncode == 0
