@@ -11,6 +11,7 @@ overrun, means events were lost: the whole marked memory then counts as written 
 """
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import time
@@ -182,10 +183,11 @@ class Tracepoint(Backend):
         cut = _rearm_numbers(events, rearmed, self._boundary)
         closing = max(cut.values(), default=self._boundary)
         mine, removed, self._ahead = [], [], []
+        starts = sorted(cut)
         for e in events:
             if e.seq <= self._boundary:
                 continue  # already counted
-            limit = next((seq for (start, end), seq in cut.items() if start <= e.start < end), None)
+            limit = _limit_for(e.start, starts, cut)
             if limit is not None and e.seq > limit:
                 self._ahead.append(e)  # after its VMA was re-armed: next round
             elif e.name == "page_written":
@@ -227,6 +229,14 @@ def _rearm_numbers(events: list[tracefs.Event], rearmed: list[Mapping], after: i
         if e.name == "vma_marked" and e.seq > after and (e.start, e.end) in wanted:
             cut[(e.start, e.end)] = max(cut.get((e.start, e.end), 0), e.seq)
     return cut
+
+
+def _limit_for(addr: int, starts: list[tuple[int, int]], cut: dict[tuple[int, int], int]) -> int | None:
+    """The re-arm number of the VMA holding addr, if it was re-armed this round."""
+    i = bisect.bisect_right(starts, (addr, float("inf"))) - 1
+    if i >= 0 and starts[i][0] <= addr < starts[i][1]:
+        return cut[starts[i]]
+    return None
 
 
 def _advise_each(pidfd: int, maps: list[Mapping], advice: int) -> dict[Mapping, str]:
