@@ -7,6 +7,7 @@ from pathlib import Path
 from ..images import criu_format as cf
 from ..images.pages_io import PAGE, LayerIndex
 from ..kernel import vm
+from ..tracking.base import TargetGone
 from ..tracking.pages import PageRanges
 
 CHUNK = 32 << 20  # bytes copied from the target per process_vm_readv batch
@@ -45,7 +46,11 @@ def copy_pages(pid: int, pages: PageRanges, out: Path) -> int:
     buf = (ctypes.c_char * CHUNK)()
     with open(out, "wb") as f:
         for batch, size in _batches(pages, CHUNK):
-            got = vm.read_ranges(pid, batch, buf)
+            try:
+                got = vm.read_ranges(pid, batch, buf)
+            except ProcessLookupError:
+                raise TargetGone(f"pid {pid} exited while its pages were being copied; "
+                                 "no layer was written and the chain is as it was") from None
             f.write(memoryview(buf)[:got])
             f.write(bytes(size - got))
     return pages.pages

@@ -61,8 +61,11 @@ def release(armed: dict[int, Armed]) -> None:
 def park(armed: dict[int, Armed], unsaved: bool) -> None:
     """Leave every target armed for the next layer; with unsaved, what this layer collected
     is handed over so the next layer saves it (nothing is lost when a write failed)."""
-    for a in armed.values():
-        a.tracker.park(a.present if unsaved else PageRanges())
+    for pid, a in armed.items():
+        if procfs.alive(pid, a.tracker.starttime):
+            a.tracker.park(a.present if unsaved else PageRanges())
+        else:
+            a.tracker.close()  # it exited: nothing to keep armed
 
 
 def write(root: int, target: Path, parent: Path | None, backend: str = "auto",
