@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import signal
 import sys
-import threading
 import time
 
 from ..errors import UsageError
@@ -54,7 +53,7 @@ def run(args) -> int:
         session.stop()
 
 
-def _rounds(session, interval: float, duration: float | None, stop: threading.Event):
+def _rounds(session, interval: float, duration: float | None, stop: _Stop):
     """Run a round every `interval` seconds (on a fixed grid, so rounds do not drift) until
     the duration is over or a signal came."""
     t0 = time.monotonic()
@@ -86,12 +85,28 @@ def _validate(args) -> VmaSelection:
         raise UsageError(str(exc)) from None
 
 
-def _stop_on_signals() -> threading.Event:
-    """SIGINT and SIGTERM end tracking cleanly (never in the middle of an injection)."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    return stop
+class _Stop:
+    """SIGINT and SIGTERM end tracking cleanly. They are blocked and waited for between rounds,
+    so one can never land in the middle of a round (or of an injection into the target), and no
+    handler runs at an awkward moment (an Event set from a handler can deadlock its waiter)."""
+
+    SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+    def __init__(self):
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.SIGNALS)
+        self.came = False
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; True if a stop signal came."""
+        if not self.came and seconds > 0:
+            self.came = signal.sigtimedwait(self.SIGNALS, seconds) is not None
+        elif not self.came:
+            self.came = bool(signal.sigpending() & self.SIGNALS)
+        return self.came
+
+
+def _stop_on_signals() -> _Stop:
+    return _Stop()
 
 
 def _print_json(r: Round) -> None:

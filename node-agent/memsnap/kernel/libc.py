@@ -11,6 +11,12 @@ libc.ioctl.restype = ctypes.c_int
 libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
 
 
+class IoVec(ctypes.Structure):
+    """struct iovec."""
+
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+
 def check(result: int, what: str) -> int:
     """Raise OSError(errno) for a -1 result, naming the call."""
     if result == -1:

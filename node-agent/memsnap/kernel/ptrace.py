@@ -8,7 +8,7 @@ from __future__ import annotations
 import ctypes
 import os
 
-from .libc import check, libc
+from .libc import IoVec, check, libc
 
 PTRACE_CONT = 7
 PTRACE_SINGLESTEP = 9
@@ -24,10 +24,6 @@ WALL = 0x40000000  # __WALL: wait for clone children (non-leader threads) too
 
 libc.ptrace.restype = ctypes.c_long
 libc.ptrace.argtypes = [ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
-
-
-class IoVec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
 def _ptrace(request: int, tid: int, addr: int = 0, data: int = 0, what: str = "ptrace") -> int:

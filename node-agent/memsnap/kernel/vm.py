@@ -4,13 +4,9 @@ from __future__ import annotations
 import ctypes
 
 from .arch import ARCH
-from .libc import syscall
+from .libc import IoVec, syscall
 
 IOV_MAX = 1024
-
-
-class IoVec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
 def read_ranges(pid: int, ranges: list[tuple[int, int]], into: ctypes.Array, offset: int = 0) -> int:

@@ -13,19 +13,14 @@ import ctypes
 import os
 from collections.abc import Sequence
 
+from .arch import ARCH
+from .libc import libc as _libc
+from .libc import IoVec, syscall
+
 MADV_MEMSNAP = 120
 MADV_NOMEMSNAP = 121
 
-# Syscall numbers shared by x86_64 and the asm-generic architectures.
-_SYS_PROCESS_MADVISE = 440
-
-_libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-_libc.syscall.restype = ctypes.c_long
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = (("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t))
 
 
 Range = tuple[int, int]  # (start address, length in bytes)
@@ -62,13 +57,9 @@ def process_madvise(pidfd: int, ranges: Sequence[Range], advice: int) -> int:
     The kernel stops at the first range it cannot advise and returns how far
     it got; it fails only if it got nowhere.
     """
-    iov = (_Iovec * len(ranges))(*(_Iovec(start, length) for start, length in ranges))
-    done = _libc.syscall(
-        ctypes.c_long(_SYS_PROCESS_MADVISE), ctypes.c_int(pidfd), iov,
-        ctypes.c_size_t(len(ranges)), ctypes.c_int(advice), ctypes.c_uint(0))
-    if done < 0:
-        _raise_errno(f"process_madvise(advice={advice})")
-    return done
+    iov = (IoVec * len(ranges))(*(IoVec(start, length) for start, length in ranges))
+    return syscall(ARCH.nr["process_madvise"], pidfd, ctypes.addressof(iov), len(ranges), advice, 0,
+                   what=f"process_madvise(advice={advice})")
 
 
 def _advise_all(pidfd: int, ranges: Sequence[Range], advice: int) -> None:
