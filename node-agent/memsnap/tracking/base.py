@@ -58,15 +58,30 @@ class Backend(abc.ABC):
         self.starttime = procfs.read_stat(pid).starttime if procfs.alive(pid) else 0
         self.tracked: list[Mapping] = []
         self.skipped: dict[str, str] = {}
+        self._claim = None  # state.Claim: this tracker's ownership of the target, while armed
 
     @classmethod
     @abc.abstractmethod
     def availability(cls) -> Availability:
         """Whether this kernel (and this agent's privileges) can run the backend at all."""
 
-    @abc.abstractmethod
     def arm(self) -> PageRanges:
-        """Start tracking; returns the pages that hold data now (the baseline a full dump needs)."""
+        """Start tracking; returns the pages that hold data now (the baseline a full dump needs).
+
+        Takes the target's claim first (one tracker per target); on any failure the target is
+        left as it was.
+        """
+        from .state import Claim  # state needs this module's errors
+        self._claim = Claim(self.pid, self.starttime)
+        try:
+            return self._arm()
+        except BaseException:
+            self.close()
+            raise
+
+    @abc.abstractmethod
+    def _arm(self) -> PageRanges:
+        """The backend's own arming, with the claim held."""
 
     @abc.abstractmethod
     def collect(self) -> ProcessSample:
@@ -92,6 +107,11 @@ class Backend(abc.ABC):
         """Remove from the target anything a checkpointer cannot dump; tracking goes on."""
 
     # Shared helpers
+
+    def release_claim(self, keep_state: bool = False) -> None:
+        if self._claim is not None:
+            self._claim.release(keep_state)
+            self._claim = None
 
     def refresh_vmas(self) -> tuple[list[Mapping], list[VmaEvent]]:
         """The selected VMAs now, and how they changed since the last call."""

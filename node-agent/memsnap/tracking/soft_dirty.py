@@ -16,7 +16,6 @@ from ..kernel import pagemap
 from ..kernel.pagemap import PAGE_IS_PRESENT, PAGE_IS_SOFT_DIRTY, PAGE_IS_SWAPPED, PAGE_SIZE
 from .base import Availability, Backend, ProcessSample, TargetGone, TrackingError
 from .pages import PageRanges
-from .state import Claim
 
 CLEAR_SOFT_DIRTY = b"4"
 
@@ -26,7 +25,6 @@ class SoftDirty(Backend):
 
     def __init__(self, pid, selection):
         super().__init__(pid, selection)
-        self._claim: Claim | None = None
         self._pagemap = -1
         self._use_scan = pagemap.scan_supports_soft_dirty()
 
@@ -37,18 +35,13 @@ class SoftDirty(Backend):
         return Availability(False, "the kernel lacks soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY "
                                    "is off, or the architecture has none, e.g. arm64)")
 
-    def arm(self) -> PageRanges:
-        self._claim = Claim(self.pid, self.starttime)
-        try:
-            self._pagemap = self.open_pagemap()
-            with self._frozen():
-                self.tracked, _ = self.refresh_vmas()
-                baseline = self._pages(PAGE_IS_PRESENT | PAGE_IS_SWAPPED, dirty_only=False)
-                self._clear()
-            return baseline
-        except BaseException:
-            self.close()
-            raise
+    def _arm(self) -> PageRanges:
+        self._pagemap = self.open_pagemap()
+        with self._frozen():
+            self.tracked, _ = self.refresh_vmas()
+            baseline = self._pages(PAGE_IS_PRESENT | PAGE_IS_SWAPPED, dirty_only=False)
+            self._clear()
+        return baseline
 
     def collect(self) -> ProcessSample:
         with self._frozen():
@@ -62,9 +55,7 @@ class SoftDirty(Backend):
         if self._pagemap >= 0:
             os.close(self._pagemap)
             self._pagemap = -1
-        if self._claim is not None:
-            self._claim.release()
-            self._claim = None
+        self.release_claim()
 
     def _frozen(self):
         try:

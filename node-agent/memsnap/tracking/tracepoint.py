@@ -21,7 +21,7 @@ from ..kernel.pagemap import PAGE_IS_PRESENT, PAGE_IS_SWAPPED
 from ..procfs import Mapping
 from .base import Availability, Backend, ProcessSample, TargetGone, TrackingError
 from .pages import PageRanges
-from .state import Claim, TargetState
+from .state import TargetState
 from .vmas import VmaEvent, VmaSelection
 
 DEFAULT_BUFFER_KB = 4096  # per CPU; MEMSNAP_TRACE_BUFFER_KB overrides
@@ -86,7 +86,6 @@ class Tracepoint(Backend):
 
     def __init__(self, pid: int, selection: VmaSelection):
         super().__init__(pid, selection)
-        self._claim: Claim | None = None
         self._hub: _Hub | None = None
         self._pidfd = -1
         self._pagemap = -1
@@ -100,21 +99,16 @@ class Tracepoint(Backend):
                                        "(no memsnap trace events in tracefs)")
         return Availability(True, "memsnap's write-event kernel patch is present")
 
-    def arm(self) -> PageRanges:
-        self._claim = Claim(self.pid, self.starttime)
-        try:
-            self._pagemap = self.open_pagemap()
-            self._pidfd = os.pidfd_open(self.pid)
-            self._hub = _Hub.get()
-            self._hub.add(self.pid)
-            self._claim.save(TargetState(self.pid, self.starttime, self.name, note=str(self._hub.instance.path)))
-            now, _ = self.refresh_vmas()
-            self.tracked = self._mark(now)
-            self._boundary = self._close_round(self.tracked)[2]
-            return self._present(self.tracked)
-        except BaseException:
-            self.close()
-            raise
+    def _arm(self) -> PageRanges:
+        self._pagemap = self.open_pagemap()
+        self._pidfd = os.pidfd_open(self.pid)
+        self._hub = _Hub.get()
+        self._hub.add(self.pid)
+        self._claim.save(TargetState(self.pid, self.starttime, self.name, note=str(self._hub.instance.path)))
+        now, _ = self.refresh_vmas()
+        self.tracked = self._mark(now)
+        self._boundary = self._close_round(self.tracked)[2]
+        return self._present(self.tracked)
 
     def collect(self) -> ProcessSample:
         self.check_alive()
@@ -149,9 +143,7 @@ class Tracepoint(Backend):
             if self._hub is not None:
                 self._hub.remove(self.pid)
                 self._hub = None
-            if self._claim is not None:
-                self._claim.release()
-                self._claim = None
+            self.release_claim()
 
     def _rearm_after_exec(self) -> ProcessSample:
         """A new image has a new address space, with its own sequence numbers from 1."""

@@ -30,7 +30,6 @@ class UffdWp(Backend):
 
     def __init__(self, pid: int, selection: VmaSelection):
         super().__init__(pid, selection)
-        self._claim: Claim | None = None
         self._target_fd = -1  # the injected userfaultfd, in the target's fd table
         self._uffd = -1  # our duplicate of it
         self._pagemap = -1
@@ -56,15 +55,7 @@ class UffdWp(Backend):
 
     # Lifecycle
 
-    def arm(self) -> PageRanges:
-        self._claim = Claim(self.pid, self.starttime)
-        try:
-            return self._arm_fresh()
-        except BaseException:
-            self.close()
-            raise
-
-    def _arm_fresh(self) -> PageRanges:
+    def _arm(self) -> PageRanges:
         self._open_pagemap()
         ours = procfs.fds_pointing_to(os.getpid(), UFFD_LINK)  # every target this process tracks
         foreign = [fd for fd in procfs.fds_pointing_to(self.pid, UFFD_LINK)
@@ -116,9 +107,7 @@ class UffdWp(Backend):
                 release_target(self.pid, self._uffd, self._target_fd)
         finally:
             self._drop_fds()
-            if self._claim is not None:
-                self._claim.release()
-                self._claim = None
+            self.release_claim()
 
     def drop_target_fd(self) -> None:
         """Close the injected fd inside the target (and its children) but keep tracking through
@@ -134,8 +123,7 @@ class UffdWp(Backend):
         state.pending = [list(r) for r in pending.union(self._pending)]
         self._claim.save(state)
         self._drop_fds()
-        self._claim.release(keep_state=True)
-        self._claim = None
+        self.release_claim(keep_state=True)
 
     @classmethod
     def resume(cls, pid: int, selection: VmaSelection) -> UffdWp:
@@ -235,7 +223,7 @@ class UffdWp(Backend):
         old = self.tracked
         self._drop_fds()  # the old mm is gone, and with it every registration
         self.tracked, self.skipped = [], {}
-        baseline = self._arm_fresh()
+        baseline = self._arm()
         events = [VmaEvent("exec", 0, 0, procfs.read_stat(self.pid).comm)]
         events += [VmaEvent("removed", m.start, m.end, m.path) for m in old]
         events += [VmaEvent("added", m.start, m.end, m.path) for m in self.tracked]
