@@ -77,29 +77,38 @@ def test_new_and_removed_vmas_are_followed(workload, backend):
     with open_session(w.pid, backend) as session:
         session.start()
         addr = int(w.send("map 64"))
+        end = addr + 64 * w.page
         r = session.round()
-        added = [e for s in r.samples for e in s.events if e.kind == "added" and e.start == addr]
-        assert added, r.as_json()["events"]
+        # A VMA of its own, or, where the kernel merged it with a neighbour (nothing keeps
+        # untracked-by-the-kernel memory apart under soft-dirty), that neighbour grown over it.
+        events = [e for s in r.samples for e in s.events]
+        assert any(e.kind in ("added", "grown") and e.start <= addr and end <= e.end for e in events), \
+            r.as_json()["events"]
         dirty = {a for s in r.samples for a in s.dirty.addresses()}
         assert {addr + i * w.page for i in range(64)} <= dirty
         w.send("unmap")
         r = session.round()
-        assert any(e.kind == "removed" and e.start == addr for s in r.samples for e in s.events)
-        assert r.as_json()["vmas_removed"] >= 1
+        events = [e for s in r.samples for e in s.events]
+        assert any((e.kind == "removed" and e.start <= addr and end <= e.end)
+                   or (e.kind == "shrunk" and e.old_start <= addr and end <= e.old_end) for e in events), \
+            r.as_json()["events"]
 
 
 def test_grown_or_moved_vma_is_followed(workload, backend):
     w = workload(mib=4)
     with open_session(w.pid, backend) as session:
         session.start()
-        old = int(w.send("map 16"))
+        w.send("map 16")
         session.round()
         new = int(w.send("grow 600"))
         r = session.round()
-        events = {(e.kind, e.start) for s in r.samples for e in s.events}
-        # In place it grew; moved and grown at once, anonymous memory keeps nothing that
-        # links the two places, so it is reported as removed there and added here.
-        assert ("grown", new) in events or {("added", new), ("removed", old)} <= events, events
+        end = new + 600 * w.page
+        events = [e for s in r.samples for e in s.events]
+        # Grown in place, or moved (anonymous memory keeps nothing linking the two places: it
+        # is then added here and gone there); a neighbour the kernel merged it with may be
+        # what grew or shrank instead (soft-dirty keeps nothing apart).
+        assert any(e.kind in ("grown", "added", "moved") and e.start <= new and end <= e.end
+                   for e in events), r.as_json()["events"]
         dirty = {a for s in r.samples for a in s.dirty.addresses()}
         assert {new + i * w.page for i in range(600)} <= dirty
         w.send("write 0 1")
