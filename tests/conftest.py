@@ -5,6 +5,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -37,8 +38,10 @@ class Workload:
                 os.setgroups([])
                 os.setgid(ids.pw_gid)
                 os.setuid(ids.pw_uid)
+        # A session of its own, so that stop() also ends the children it forks.
         self.proc = subprocess.Popen([python, str(script), "--mib", str(mib)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, preexec_fn=preexec, cwd="/")
+                                     stdout=subprocess.PIPE, text=True, preexec_fn=preexec, cwd="/",
+                                     start_new_session=True)
         self.info = json.loads(self.proc.stdout.readline())
         self.pid: int = self.info["pid"]
         self.base: int = self.info["base"]
@@ -68,8 +71,10 @@ class Workload:
         return {a for a in addresses if self.base <= a < end}
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.proc.wait()
         for pipe in (self.proc.stdin, self.proc.stdout):
             try:

@@ -16,9 +16,25 @@ from memsnap.tracking.registry import availability
 pytestmark = pytest.mark.skipif(not availability("uffd-wp").ok, reason="uffd-wp unavailable")
 
 
+_trackers: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_tracker_left():
+    """A tracker a failed test left running is killed (the next test's recovery cleans up)."""
+    yield
+    while _trackers:
+        proc = _trackers.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate()
+
+
 def start_track(pid: int, *extra: str) -> subprocess.Popen:
-    return subprocess.Popen([*MEMSNAP, "track", "--pid", str(pid), "--json", "--interval", "0.2", *extra],
+    proc = subprocess.Popen([*MEMSNAP, "track", "--pid", str(pid), "--json", "--interval", "0.2", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _trackers.append(proc)
+    return proc
 
 
 def first_round(proc: subprocess.Popen) -> dict:
