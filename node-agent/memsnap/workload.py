@@ -43,13 +43,19 @@ import time
 PAGE = mmap.PAGESIZE
 
 
+def address_of(mem: mmap.mmap) -> int:
+    view = ctypes.c_char.from_buffer(mem)
+    try:
+        return ctypes.addressof(view)
+    finally:
+        del view  # an mmap cannot be closed or resized while a buffer export is alive
+
+
 class Region:
     def __init__(self, size: int):
         self.mem = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         self.size = size
-        view = ctypes.c_char.from_buffer(self.mem)
-        self.base = ctypes.addressof(view)
-        del view
+        self.base = address_of(self.mem)
         self.counter = 0
         self.extra: list[mmap.mmap] = []
         self.extra_fds: list = []
@@ -172,19 +178,13 @@ def handle(region: Region, words: list[str]) -> str:
         extra = mmap.mmap(-1, args[0] * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         extra.write(b"m" * len(extra))
         region.extra.append(extra)
-        view = ctypes.c_char.from_buffer(extra)
-        addr = ctypes.addressof(view)
-        del view
-        return f"ok {addr}"
+        return f"ok {address_of(extra)}"
     elif cmd == "grow":
         extra = region.extra[-1]
         extra.resize(args[0] * PAGE)
         for page in range(args[0]):
             extra[page * PAGE] = 0x67
-        view = ctypes.c_char.from_buffer(extra)
-        addr = ctypes.addressof(view)
-        del view
-        return f"ok {addr}"
+        return f"ok {address_of(extra)}"
     elif cmd == "unmap":
         region.extra.pop().close()
     elif cmd == "remap":

@@ -17,7 +17,8 @@ from ..tracking import TrackingError, VmaSelection, registry
 from ..tracking.base import Backend
 from ..tracking.pages import PageRanges
 from ..tracking.vmas import ranges_of
-from .layers import write_process
+from ..kernel.pagemap import PAGE_SIZE
+from .layers import described_in, write_process
 
 
 @dataclass
@@ -79,10 +80,10 @@ def write(root: int, target: Path, parent: Path | None, backend: str = "auto",
             rel = out.link_parent(parent)
             pages = sum(write_process(out.dir, pid, i + 1, parent, a.present, ranges_of(a.tracker.tracked))
                         for i, (pid, a) in enumerate(sorted(armed.items())))
-            described = sum(_described(out.dir, pid) for pid in armed)
+            described = sum(described_in(out.dir, pid).pages for pid in armed)
             manifest = Manifest(kind="incremental" if parent else "full", parent=rel,
                                 pids=sorted(armed), backend=_backend_of(armed), pages=pages,
-                                bytes=pages * _page_size(), described_pages=described,
+                                bytes=pages * PAGE_SIZE, described_pages=described,
                                 seconds=round(time.monotonic() - began, 6))
             layer = out.commit(manifest)
     except BaseException:
@@ -92,18 +93,8 @@ def write(root: int, target: Path, parent: Path | None, backend: str = "auto",
     return layer
 
 
-def _described(directory: Path, pid: int) -> int:
-    from ..images.pages_io import LayerIndex
-    return PageRanges(LayerIndex(directory, pid).described()).pages
-
-
 def _backend_of(armed: dict[int, Armed]) -> str:
     names = sorted({a.tracker.name for a in armed.values()})
     if not names:
         raise TrackingError("nothing to checkpoint")
     return ",".join(names)
-
-
-def _page_size() -> int:
-    from ..kernel.pagemap import PAGE_SIZE
-    return PAGE_SIZE

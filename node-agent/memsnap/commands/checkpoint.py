@@ -59,9 +59,8 @@ def run_checkpoint(args) -> int:
     except FAILURES as exc:
         return _fail("checkpoint", exc)
     m = chain.load(layer, verify=False)[0].manifest
-    print(json.dumps({"dir": str(layer), "engine": choice.engine, "engine_why": choice.why, "kind": m.kind, "pages": m.pages, "bytes": m.bytes,
-                      "described_pages": m.described_pages, "backend": m.backend,
-                      "freeze_seconds": m.freeze_seconds, "phases": m.phases, "seconds": m.seconds}))
+    print(json.dumps(dict(_summary(layer, m), engine=choice.engine, engine_why=choice.why,
+                          phases=m.phases, seconds=m.seconds)))
     return 0
 
 
@@ -90,13 +89,17 @@ def run_chain(args) -> int:
                 check_references(layers)
             for layer in layers:
                 m = layer.manifest
-                print(json.dumps({"dir": str(layer.dir), "kind": m.kind, "pages": m.pages,
-                                  "bytes": m.bytes, "described_pages": m.described_pages,
-                                  "created": m.created, "backend": m.backend,
-                                  "freeze_seconds": m.freeze_seconds}))
+                print(json.dumps(dict(_summary(layer.dir, m), created=m.created)))
     except FAILURES as exc:
         return _fail("chain", exc)
     return 0
+
+
+def _summary(directory: Path, m) -> dict:
+    """What a user reads about a layer, the same wherever a command prints one."""
+    return {"dir": str(directory), "kind": m.kind, "pages": m.pages, "bytes": m.bytes,
+            "described_pages": m.described_pages, "backend": m.backend,
+            "freeze_seconds": m.freeze_seconds}
 
 
 def _fail(what: str, exc: Exception) -> int:

@@ -5,7 +5,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .layer import MANIFEST, LayerError, LayerWriter, Manifest, read_manifest, verify_files
+from ..kernel.pagemap import PAGE_SIZE
+from .layer import LayerError, LayerWriter, Manifest, read_manifest, verify_files
 
 
 @dataclass
@@ -67,7 +68,7 @@ def flatten(newest: Path, target: Path) -> Path:
             described += count
         manifest = Manifest(kind=top.manifest.kind if top.manifest.kind == "final" else "full",
                             parent=None, pids=top.manifest.pids, backend=top.manifest.backend,
-                            pages=pages, bytes=pages * _page(), described_pages=described,
+                            pages=pages, bytes=pages * PAGE_SIZE, described_pages=described,
                             freeze_seconds=top.manifest.freeze_seconds)
         return out.commit(manifest)
 
@@ -77,7 +78,7 @@ def _flatten_pid(chain: list[Layer], pid: int, out: LayerWriter) -> tuple[int, i
     from .pages_io import PageSource
     source = PageSource(chain, pid)
     top_map = cf.read_pagemap(cf.pagemap_path(chain[0].dir, pid))
-    page = _page()
+    page = PAGE_SIZE
     entries = []
     with open(cf.pages_path(out.dir, top_map.pages_id), "wb") as data:
         count = 0
@@ -114,17 +115,5 @@ def prune(newest: Path, keep: int | None = None, max_bytes: int | None = None) -
     shutil.rmtree(staging)
     for layer_dir in old[1:]:
         shutil.rmtree(layer_dir)
-    # The merged layer keeps the directory name its child's parent link points to.
-    _rewrite_manifest_parent(base.dir)
+    # The merged layer (a full one, no parent) keeps the name its child's parent link names.
     return old[1:]
-
-
-def _rewrite_manifest_parent(directory: Path) -> None:
-    manifest = read_manifest(directory)
-    manifest.parent = None
-    (directory / MANIFEST).write_text(manifest.to_json())
-
-
-def _page() -> int:
-    import os
-    return os.sysconf("SC_PAGE_SIZE")

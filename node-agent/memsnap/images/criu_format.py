@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..kernel.pagemap import PAGE_SIZE
+
 PE_PARENT = 1 << 0
 PE_LAZY = 1 << 1
 PE_PRESENT = 1 << 2
@@ -34,8 +36,7 @@ class Pagemap:
 
     def pages(self, flag: int) -> list[tuple[int, int]]:
         """[start, end) address ranges of the entries with `flag`."""
-        page = os.sysconf("SC_PAGE_SIZE")
-        return [(v, v + n * page) for v, n, f in self.entries if f & flag]
+        return [(v, v + n * PAGE_SIZE) for v, n, f in self.entries if f & flag]
 
 
 def pagemap_path(directory: Path, pid: int) -> Path:

@@ -8,7 +8,7 @@ from pathlib import Path
 from . import criu_format as cf
 from .layer import LayerError
 
-PAGE = os.sysconf("SC_PAGE_SIZE")
+from ..kernel.pagemap import PAGE_SIZE as PAGE
 
 
 class LayerIndex:

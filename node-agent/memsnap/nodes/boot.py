@@ -12,11 +12,13 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import platform
 import stat
 import sys
 from pathlib import Path
 
+from memsnap.kernel.arch import ARCH
+from memsnap.kernel.libc import check as _check
+from memsnap.kernel.libc import libc as _libc
 from memsnap.nodes import cgroups
 
 CLONE_NEWNS = 0x00020000
@@ -36,22 +38,11 @@ MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
 
-SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}
-
 INIT = "/usr/local/sbin/memsnap-node-init"
 NODE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
 
 # Character devices of the node's /dev: name -> (major, minor).
 DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _check(ret: int, what: str) -> None:
-    if ret != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"{what}: {os.strerror(err)}")
-
 
 def mount(source: str | None, target: str | Path, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
     enc = lambda s: None if s is None else str(s).encode()  # noqa: E731
@@ -64,8 +55,7 @@ def unshare(flags: int) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    nr = SYS_PIVOT_ROOT[platform.machine()]
-    _check(_libc.syscall(ctypes.c_long(nr), new_root.encode(), put_old.encode()), "pivot_root")
+    _check(_libc.syscall(ctypes.c_long(ARCH.nr["pivot_root"]), new_root.encode(), put_old.encode()), "pivot_root")
 
 
 def sethostname(name: str) -> None:

@@ -108,6 +108,12 @@ class Backend(abc.ABC):
 
     # Shared helpers
 
+    @staticmethod
+    def pages_with(scanner, anyof: int, ranges) -> PageRanges:
+        """The pages in `ranges` ((start, end) pairs) in any of the PAGEMAP_SCAN categories."""
+        return PageRanges((s, e) for start, end in ranges
+                          for s, e, _ in scanner.scan(start, end, anyof_mask=anyof, return_mask=anyof))
+
     def release_claim(self, keep_state: bool = False) -> None:
         if self._claim is not None:
             self._claim.release(keep_state)

@@ -207,10 +207,8 @@ class Tracepoint(Backend):
         return events, lost
 
     def _present(self, maps: list[Mapping]) -> PageRanges:
-        scanner = pagemap.Scanner(self._pagemap)
-        mask = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
-        return PageRanges((s, e) for m in maps for s, e, _ in scanner.scan(
-            m.start, m.end, anyof_mask=mask, return_mask=mask))
+        return self.pages_with(pagemap.Scanner(self._pagemap), PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+                               [(m.start, m.end) for m in maps])
 
 
 def _rearm_numbers(events: list[tracefs.Event], rearmed: list[Mapping], after: int) -> dict[tuple[int, int], int]:

@@ -210,13 +210,9 @@ class UffdWp(Backend):
         pages are listed before protecting, present ones after: a page populated in between
         is present afterwards, and every write after protecting is caught by the next round.
         """
-        swapped_or_present = self._pages_with(PAGE_IS_PRESENT | PAGE_IS_SWAPPED, start, end)
+        swapped_or_present = self.pages_with(self._scanner, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, [(start, end)])
         uffd.write_protect(self._uffd, start, end)
-        return swapped_or_present.union(self._pages_with(PAGE_IS_PRESENT, start, end))
-
-    def _pages_with(self, anyof: int, start: int, end: int) -> PageRanges:
-        return PageRanges((s, e) for s, e, _ in self._scanner.scan(
-            start, end, anyof_mask=anyof, return_mask=anyof))
+        return swapped_or_present.union(self.pages_with(self._scanner, PAGE_IS_PRESENT, [(start, end)]))
 
     def _rearm_after_exec(self) -> ProcessSample:
         self.check_alive()
