@@ -17,6 +17,8 @@ COMMANDS = [
     "memsnap.commands.backends",
     "memsnap.commands.checkpoint",
     "memsnap.commands.nodes",
+    "memsnap.commands.containers",
+    "memsnap.commands.migrate",
     "memsnap.commands.agent",
     "memsnap.commands.demo",
 ]

@@ -26,13 +26,16 @@ def dump(pid: int, directory: Path, freeze_cgroup: Path | None, leave_running: b
     _run(args, directory / "dump.log")
 
 
-def restore(directory: Path, pidfile: Path, log_dir: Path) -> None:
-    _run(["restore", "-D", str(directory), "-d", "--pidfile", str(pidfile),
-          "-o", str(log_dir / "restore.log"), "-v4"], log_dir / "restore.log")
+def restore(directory: Path, pidfile: Path, log_dir: Path, preexec_fn=None) -> None:
+    """Restore detached. The tree comes back in the caller's cgroups (preexec_fn may move the
+    criu process first): cgroups are the runtime's to give, and the ones it was dumped from
+    (memsnap's frozen freezer cgroup among them) must not come back."""
+    _run(["restore", "-D", str(directory), "-d", "--pidfile", str(pidfile), "--manage-cgroups=ignore",
+          "-o", str(log_dir / "restore.log"), "-v4"], log_dir / "restore.log", preexec_fn)
 
 
-def _run(args: list[str], log: Path) -> None:
-    result = subprocess.run([binary(), *args], capture_output=True, text=True)
+def _run(args: list[str], log: Path, preexec_fn=None) -> None:
+    result = subprocess.run([binary(), *args], capture_output=True, text=True, preexec_fn=preexec_fn)
     if result.returncode != 0:
         tail = _tail(log) or result.stderr.strip()
         raise CriuError(f"criu {args[0]} failed (exit {result.returncode}): {tail}")

@@ -23,7 +23,11 @@ from .layers import described_in
 from .layers import entries as layer_entries
 
 
-def write(root: int, target: Path, parent: Path | None, selection: VmaSelection = VmaSelection()) -> Path:
+def write(root: int, target: Path, parent: Path | None, selection: VmaSelection = VmaSelection(),
+          leave_running: bool = False, on_freeze=None) -> Path:
+    """With leave_running the tree stays frozen (in own_cgroup(root)) after a successful dump,
+    for the caller to end or thaw (a migration ends it once the target runs it); otherwise
+    CRIU stops it. on_freeze() is called the moment the tree is frozen (where a pause starts)."""
     if parent is not None:
         chain.load(parent)
     pids = [root] + procfs.descendants(root)
@@ -35,6 +39,8 @@ def write(root: int, target: Path, parent: Path | None, selection: VmaSelection 
                 t.drop_target_fd()  # CRIU cannot dump a userfaultfd; our duplicate keeps tracking
             clock = _Phases()
             freezer.freeze()
+            if on_freeze is not None:
+                on_freeze()
             clock.mark("freeze")
             dirty = {pid: t.collect().dirty for pid, t in trackers.items()}
             clock.mark("collect")
@@ -42,18 +48,20 @@ def write(root: int, target: Path, parent: Path | None, selection: VmaSelection 
                 t.close()  # unprotect while frozen: CRIU must see plain page tables
             trackers = {}
             clock.mark("release")
-            criu.dump(root, out.dir, freezer.path)
+            criu.dump(root, out.dir, freezer.path, leave_running=leave_running)
             clock.mark("criu dump")
             frozen_for = clock.total()
             rel = out.link_parent(parent)
             pages, described = _delta(out.dir, parent, dirty)
+            clock.mark("memory delta")
             manifest = Manifest(kind="final", parent=rel, pids=sorted(pids),
                                 backend="criu", pages=pages, bytes=pages * PAGE,
                                 described_pages=described, freeze_seconds=round(frozen_for, 6),
                                 how="uffd-wp dirty set + criu dump, converted to a delta" if parent
                                 else "criu dump (no chain)", phases=clock.phases)
             layer = out.commit(manifest)
-        freezer.remove()
+        if not leave_running:
+            freezer.remove()
         return layer
     except BaseException:
         for t in trackers.values():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from memsnap import cgroupfs
 
-V1_CONTROLLERS = ("freezer", "memory", "pids")
+V1_CONTROLLERS = ("freezer", "memory", "pids", "cpu")
 
 
 def hierarchies() -> dict[str, Path]:
