@@ -6,7 +6,8 @@ counter, a tick every millisecond, and a self-check. Standard library only.
 Page i holds (i, version[i]) in its first 16 bytes and a filler made from i; each tick writes
 the pages due at RATE pages/s (bumping their version). On SIGUSR1 it checks every page against
 what it must hold and writes one JSON line to FILE (atomically): ok, bad_pages, writes, the
-longest gap between two ticks (the pause the workload felt, by the monotonic clock), its
+longest gap between two ticks (the pause the workload felt, by the wall clock: CRIU
+restores a PID namespace's monotonic clock as it was at the dump, hiding the pause), its
 hostname and pid. SIGUSR2 resets the longest gap. A migration that lost one write shows up as
 a bad page.
 """
@@ -66,11 +67,11 @@ def main() -> None:
     signal.signal(signal.SIGUSR1, lambda *_: wanted.__setitem__("check", True))
     signal.signal(signal.SIGUSR2, lambda *_: wanted.__setitem__("reset", True))
     _report(args.report, {"ready": True, "pages": memory.pages})
-    began = last = time.monotonic()
+    began = last = time.time()
     longest = 0.0
     while True:
         time.sleep(0.001)
-        now = time.monotonic()
+        now = time.time()
         longest = max(longest, now - last)
         last = now
         while memory.writes < (now - began) * args.rate:
@@ -83,7 +84,7 @@ def main() -> None:
             _report(args.report, {"ok": bad == 0, "bad_pages": bad, "writes": memory.writes,
                                   "pages": memory.pages, "longest_gap_ms": round(longest * 1000, 2),
                                   "host": socket.gethostname(), "pid": os.getpid()})
-            last = time.monotonic()  # the check itself is not a pause
+            last = time.time()  # the check itself is not a pause
 
 
 def _report(path: str, data: dict) -> None:

@@ -20,6 +20,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
 from .auth import MEMORY, OPEN, READ, Policy, add_routes, setup
+from ..migration import api as migration_api
 from .config import Config
 from .metrics import make_registry
 from .pods import PodDirectory
@@ -62,6 +63,8 @@ def make_app(cfg: Config) -> web.Application:
                      web.get("/api/v1/pods/{uid}", api_pod),
                      web.get("/api/v1/pods/{namespace}/{name}", api_pod),
                      web.get("/api/v1/status", api_status)], kind=READ)
+    if cfg.tls is not None:  # moving memory needs mutual TLS: no migrations without it
+        migration_api.setup(app, cfg.tls)
     app.cleanup_ctx.append(_background)
     return app
 

@@ -42,7 +42,8 @@ def write(root: int, target: Path, parent: Path | None, selection: VmaSelection 
             if on_freeze is not None:
                 on_freeze()
             clock.mark("freeze")
-            dirty = {pid: t.collect().dirty for pid, t in trackers.items()}
+            ids = procfs.image_ids(root, sorted(trackers))  # CRIU's names for the tasks
+            dirty = {ids[pid]: t.collect().dirty for pid, t in trackers.items()}
             clock.mark("collect")
             for t in trackers.values():
                 t.close()  # unprotect while frozen: CRIU must see plain page tables

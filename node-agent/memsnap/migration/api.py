@@ -19,12 +19,12 @@ import asyncio
 import json
 import logging
 import socket
-from typing import Callable
 
 import aiohttp
 from aiohttp import web
 
-from .. import procfs
+from .. import pki, procfs
+from ..agent import auth
 from .planner import Policy
 from .source import MigrationError, Request, SourceMigration
 from .target import Target, TargetError
@@ -38,32 +38,33 @@ DEFAULT_PORT = 9650
 
 
 class MigrationContext:
-    """What the endpoints need from the agent: who we are, how to reach peers, who calls."""
+    """What the endpoints need from the agent: who we are and how we reach peers."""
 
-    def __init__(self, node: str, client_ssl, identity_of: Callable[[web.Request], str],
-                 admins: frozenset[str] = frozenset({"operator", "admin"})):
+    def __init__(self, node: str, client_ssl, admins: frozenset[str] = frozenset({"operator", "admin"})):
         self.node = node
         self.client_ssl = client_ssl  # ssl.SSLContext with our certificate, verifying peers
-        self.identity_of = identity_of  # the peer certificate's name, or raises HTTPForbidden
-        self.admins = admins
+        self.admins = admins  # client identities that may start migrations besides this node
         self.busy: set[int] = set()  # pids being migrated
 
 
-def setup(app: web.Application, ctx: MigrationContext, add_route) -> None:
-    """Register the routes (add_route(method, path, handler) files them as memory-moving)."""
-    app[TARGET], app[CONTEXT] = Target(), ctx
-    for line in Target().recover():
+def setup(app: web.Application, tls: pki.TlsFiles) -> None:
+    """Serve migrations on an agent that has mutual TLS (every route here is MEMORY)."""
+    me = pki.identity_of(tls.cert.read_bytes())
+    app[TARGET], app[CONTEXT] = Target(), MigrationContext(me.name, pki.client_context(tls))
+    for line in app[TARGET].recover():
         log.warning("%s", line)
-    add_route("POST", "/api/v1/migrations", start_migration)
     base = "/api/v1/incoming/{id}"
-    add_route("POST", base, incoming_create)
-    add_route("GET", base, incoming_status)
-    add_route("DELETE", base, incoming_abort)
-    add_route("GET", base + "/layers/{layer}/files/{name}", incoming_held)
-    add_route("PUT", base + "/layers/{layer}/files/{name}", incoming_file)
-    add_route("POST", base + "/layers/{layer}/commit", incoming_commit_layer)
-    add_route("POST", base + "/restore", incoming_restore)
-    add_route("POST", base + "/commit", incoming_commit)
+    auth.add_routes(app, [
+        web.post("/api/v1/migrations", start_migration),
+        web.post(base, incoming_create),
+        web.get(base, incoming_status),
+        web.delete(base, incoming_abort),
+        web.get(base + "/layers/{layer}/files/{name}", incoming_held),
+        web.put(base + "/layers/{layer}/files/{name}", incoming_file),
+        web.post(base + "/layers/{layer}/commit", incoming_commit_layer),
+        web.post(base + "/restore", incoming_restore),
+        web.post(base + "/commit", incoming_commit),
+    ], kind=auth.MEMORY)
     app.cleanup_ctx.append(_lease_keeper)
 
 
@@ -90,7 +91,8 @@ def _error(status: int, message: str) -> web.Response:
 
 async def start_migration(request: web.Request) -> web.StreamResponse:
     ctx: MigrationContext = request.app[CONTEXT]
-    caller = ctx.identity_of(request)
+    peer = auth.peer(request)
+    caller = peer.name if peer else ""
     if caller != ctx.node and caller not in ctx.admins:
         return _error(403, f"{caller} may not start migrations on {ctx.node}")
     try:
@@ -186,8 +188,7 @@ def _link_error(host: str, port: int, exc: BaseException) -> str:
 # ---- target side -------------------------------------------------------------------------
 
 def _incoming(request: web.Request):
-    ctx: MigrationContext = request.app[CONTEXT]
-    source = ctx.identity_of(request)
+    source = auth.require_node(request)  # only nodes move memory to us, each its own
     return request.app[TARGET].get(request.match_info["id"], source)
 
 
@@ -203,8 +204,7 @@ def _target_errors(handler):
 
 @_target_errors
 async def incoming_create(request: web.Request) -> web.Response:
-    ctx: MigrationContext = request.app[CONTEXT]
-    source = ctx.identity_of(request)
+    source = auth.require_node(request)
     body = await request.json()
     inc = await asyncio.to_thread(request.app[TARGET].create, request.match_info["id"], source,
                                   str(body.get("container", "")), list(body.get("argv", [])),

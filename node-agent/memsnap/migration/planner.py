@@ -90,6 +90,8 @@ class Planner:
         now = time.monotonic() if now is None else now
         self._measure(r)
         self.rounds.append(r)
+        if r.iteration == 0:  # the full copy: the dirty rate is measured from the next round on
+            return Decision("continue", "", self.throttle)
         if r.predicted_downtime_ms <= self.policy.max_downtime_ms:
             return Decision("finalize", f"predicted pause {r.predicted_downtime_ms:.0f} ms fits "
                             f"{self.policy.max_downtime_ms} ms", self.throttle)
@@ -118,13 +120,14 @@ class Planner:
 
     def _measure(self, r: Round) -> None:
         page = 4096
-        r.dirty_rate = r.dirty_pages * page / r.collect_seconds if r.collect_seconds > 0 else 0.0
+        first = r.iteration == 0
+        r.dirty_rate = r.dirty_pages * page / r.collect_seconds if r.collect_seconds > 0 and not first else 0.0
         r.bandwidth = r.bytes_sent / r.send_seconds if r.send_seconds > 0 and r.bytes_sent else self._last_bandwidth()
         if self.policy.bandwidth_bytes_s:
             r.bandwidth = min(r.bandwidth or self.policy.bandwidth_bytes_s, self.policy.bandwidth_bytes_s)
         # Written while this layer was being written and sent: the next (maybe final) delta.
         r.remaining_bytes = min(self.memory_bytes, int(r.dirty_rate * r.send_seconds))
-        r.remaining_bytes = max(r.remaining_bytes, page)
+        r.remaining_bytes = self.memory_bytes if first else max(r.remaining_bytes, page)
         link = r.bandwidth or float("inf")
         r.predicted_downtime_ms = (self.fixed_cost_s + r.remaining_bytes / link) * 1000
 
