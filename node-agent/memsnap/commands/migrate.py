@@ -33,6 +33,8 @@ def register(sub) -> None:
                    help="give up after S seconds without progress (default 150)")
     p.add_argument("--auto-converge", action="store_true",
                    help="throttle the workload's CPU in growing steps when it dirties faster than the link")
+    p.add_argument("--stop-and-copy", action="store_true",
+                   help="no pre-copy: freeze, dump everything, copy, restore (to compare with)")
     p.add_argument("--agent", metavar="HOST:PORT", help="this node's agent (default: this host's name, port 9650)")
     p.add_argument("--json", action="store_true", help="one JSON object per round and a summary")
     p.set_defaults(func=run)
@@ -42,7 +44,7 @@ def run(args) -> int:
     from ..migration import client  # needs cryptography: only when migrating
     try:
         policy = Policy(args.max_downtime_ms, args.bandwidth, args.completion_timeout_per_gib,
-                        args.progress_timeout, args.auto_converge).check()
+                        args.progress_timeout, args.auto_converge, not args.stop_and_copy).check()
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     body = {"pid": args.pid, "to": args.to, **policy.__dict__}

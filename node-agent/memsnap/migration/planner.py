@@ -24,6 +24,7 @@ class Policy:
     completion_timeout_per_gib: float = 150.0
     progress_timeout: float = 150.0
     auto_converge: bool = False
+    precopy: bool = True  # False: stop-and-copy (one full dump while frozen), for comparison
 
     def check(self) -> Policy:
         if self.max_downtime_ms < 1:

@@ -93,7 +93,8 @@ class SourceMigration:
             memory = await self._blocking(_memory_bytes, self.root)
             await self._create_on_target(memory)
             planner = Planner(self.req.policy, memory, _fixed_cost())
-            await self._precopy(planner)
+            if self.req.policy.precopy:
+                await self._precopy(planner)
             summary = await self._pause_and_hand_over()
         except BaseException as exc:
             await self._rollback(exc)
@@ -101,7 +102,8 @@ class SourceMigration:
         finally:
             self.worker.shutdown(wait=False)
         summary.update(planner.summary(), memory_bytes=memory, transferred_bytes=self.transferred,
-                       converged=True, total_seconds=round(time.monotonic() - began, 3))
+                       converged=True, mode="pre-copy" if self.req.policy.precopy else "stop-and-copy",
+                       total_seconds=round(time.monotonic() - began, 3))
         return summary
 
     async def _create_on_target(self, memory: int) -> None:
@@ -153,7 +155,8 @@ class SourceMigration:
         self.frozen = True  # from here on a failure must thaw
         marks: dict[str, float] = {}
         t0 = time.monotonic()
-        layer = await self._blocking(final.write, self.root, self.out / "final", self.layers[-1],
+        parent = self.layers[-1] if self.layers else None  # none: stop-and-copy
+        layer = await self._blocking(final.write, self.root, self.out / "final", parent,
                                      VmaSelection(), True, lambda: marks.setdefault("frozen", time.monotonic()))
         frozen_at = marks.get("frozen", t0)
         m = read_manifest(layer)
