@@ -134,6 +134,7 @@ def up(count: int = 2, log: Log | None = None) -> list[Node]:
         nodes = [n for n in list_nodes() if n.running]
         image.prune({img.digest} | {n.image for n in nodes})
         net.ensure_bridge()
+        started = []
         for index in range(1, count + 1):
             name = node_name(index)
             current = _load(name)
@@ -141,9 +142,10 @@ def up(count: int = 2, log: Log | None = None) -> list[Node]:
                 _warn_if_outdated(current, img, log)
                 continue
             _teardown(name)  # whatever a dead node left behind
-            _start(name, index, img)
+            started.append(_start(name, index, img))
         running = [n for n in list_nodes() if n.running]
         _write_hosts(running)
+        _start_agents(started)
         return running
 
 
@@ -213,6 +215,17 @@ def _start(name: str, index: int, img: image.Image) -> Node:
         _teardown(name)
         raise
     return node
+
+
+def _start_agents(started: list[Node]) -> None:
+    """`memsnap agent` in each new node (agents.py); a node whose agent fails is not left up."""
+    from memsnap.nodes import agents  # it calls back into this module
+    try:
+        agents.start(started)
+    except BaseException:
+        for node in started:
+            _teardown(node.name)
+        raise
 
 
 def _teardown(name: str) -> None:
