@@ -109,7 +109,10 @@ def test_tls_agent_serves_certificates_and_the_token_and_refuses_the_rest(agent,
 
 
 def test_memory_routes_need_the_certificate_of_the_node_they_claim(agent, tls, tmp_path):
-    a = agent(*tls.agent_flags(), tls=True, command=MEMORY_AGENT)
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    a = agent(*tls.agent_flags(), "--token-file", str(token), tls=True, command=MEMORY_AGENT)
+    assert anonymous(a.port, "/api/v1/status", headers={"Authorization": "Bearer s3cret"})[0] == 200
     # node-1's own certificate, saying it is node-1 (AgentClient sets the header from it)
     assert call(tls.node, a.port, "POST", "/api/v1/test/echo", data="hi") == {"node": "node-1", "body": "hi"}
     with pytest.raises(AgentError, match="403 the certificate names node-1, not node-2"):
@@ -118,6 +121,16 @@ def test_memory_routes_need_the_certificate_of_the_node_they_claim(agent, tls, t
         call(tls.admin, a.port, "POST", "/api/v1/test/echo")
     status, body = anonymous(a.port, "/api/v1/test/echo", method="POST")
     assert status == 401 and list(body) == ["error"]
+    # The route kind alone (a handler that does not ask which node): any memsnap certificate,
+    # but one that claims a node must be that node's.
+    assert call(tls.admin, a.port, "POST", "/api/v1/test/peer") == {"name": "admin", "role": "client"}
+    assert call(tls.node, a.port, "POST", "/api/v1/test/peer") == {"name": "node-1", "role": "node"}
+    with pytest.raises(AgentError, match="403 the certificate names admin, not node-1"):
+        call(tls.admin, a.port, "POST", "/api/v1/test/peer", headers={NODE_HEADER: "node-1"})
+    with pytest.raises(AgentError, match="403 the certificate names node-1, not node-2"):
+        call(tls.node, a.port, "POST", "/api/v1/test/peer", headers={NODE_HEADER: "node-2"})
+    token = anonymous(a.port, "/api/v1/test/peer", method="POST", headers={"Authorization": "Bearer s3cret"})
+    assert token[0] == 401  # the token never moves memory
     with pytest.raises(AgentError) as refused:
         call(tls.stranger, a.port, "POST", "/api/v1/test/echo")
     assert refused.value.status is None
