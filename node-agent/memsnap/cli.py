@@ -18,6 +18,7 @@ COMMANDS = [
     "memsnap.commands.checkpoint",
     "memsnap.commands.nodes",
     "memsnap.commands.agent",
+    "memsnap.commands.pki",
     "memsnap.commands.demo",
 ]
 
