@@ -88,6 +88,17 @@ def wait_answering(check, what: str, timeout: float = 60):
             time.sleep(0.3)
 
 
+@pytest.fixture(autouse=True)
+def agents_answer(local_nodes):
+    """Nodes left running by an older checkout have no agent: say so instead of failing oddly."""
+    for n in local_nodes:
+        try:
+            host_call(n.name, "GET", "/healthz")
+        except AgentError as exc:
+            pytest.fail(f"{n.name} (started from {n.checkout or 'an unknown checkout'}) has no answering agent: "
+                        f"{exc}; renew it with `memsnap nodes down` then `up`")
+
+
 @pytest.fixture
 def stranger(tmp_path) -> pki.TlsFiles:
     """A certificate for node-1 signed by another CA (trusting ours, so it can try)."""
