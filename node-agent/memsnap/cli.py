@@ -20,6 +20,7 @@ COMMANDS = [
     "memsnap.commands.containers",
     "memsnap.commands.migrate",
     "memsnap.commands.agent",
+    "memsnap.commands.pki",
     "memsnap.commands.demo",
 ]
 

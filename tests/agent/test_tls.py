@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import ssl
 import stat
 import subprocess
@@ -18,6 +19,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from memsnap import pki
 from memsnap.agent.auth import NODE_HEADER
 from memsnap.agent.client import AgentClient, AgentError
+
+from conftest import MEMSNAP
 
 from .conftest import AGENT
 
@@ -109,7 +112,10 @@ def test_tls_agent_serves_certificates_and_the_token_and_refuses_the_rest(agent,
 
 
 def test_memory_routes_need_the_certificate_of_the_node_they_claim(agent, tls, tmp_path):
-    a = agent(*tls.agent_flags(), tls=True, command=MEMORY_AGENT)
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    a = agent(*tls.agent_flags(), "--token-file", str(token), tls=True, command=MEMORY_AGENT)
+    assert anonymous(a.port, "/api/v1/status", headers={"Authorization": "Bearer s3cret"})[0] == 200
     # node-1's own certificate, saying it is node-1 (AgentClient sets the header from it)
     assert call(tls.node, a.port, "POST", "/api/v1/test/echo", data="hi") == {"node": "node-1", "body": "hi"}
     with pytest.raises(AgentError, match="403 the certificate names node-1, not node-2"):
@@ -118,6 +124,16 @@ def test_memory_routes_need_the_certificate_of_the_node_they_claim(agent, tls, t
         call(tls.admin, a.port, "POST", "/api/v1/test/echo")
     status, body = anonymous(a.port, "/api/v1/test/echo", method="POST")
     assert status == 401 and list(body) == ["error"]
+    # The route kind alone (a handler that does not ask which node): any memsnap certificate,
+    # but one that claims a node must be that node's.
+    assert call(tls.admin, a.port, "POST", "/api/v1/test/peer") == {"name": "admin", "role": "client"}
+    assert call(tls.node, a.port, "POST", "/api/v1/test/peer") == {"name": "node-1", "role": "node"}
+    with pytest.raises(AgentError, match="403 the certificate names admin, not node-1"):
+        call(tls.admin, a.port, "POST", "/api/v1/test/peer", headers={NODE_HEADER: "node-1"})
+    with pytest.raises(AgentError, match="403 the certificate names node-1, not node-2"):
+        call(tls.node, a.port, "POST", "/api/v1/test/peer", headers={NODE_HEADER: "node-2"})
+    token = anonymous(a.port, "/api/v1/test/peer", method="POST", headers={"Authorization": "Bearer s3cret"})
+    assert token[0] == 401  # the token never moves memory
     with pytest.raises(AgentError) as refused:
         call(tls.stranger, a.port, "POST", "/api/v1/test/echo")
     assert refused.value.status is None
@@ -142,3 +158,20 @@ def test_agent_without_tls_or_token_says_its_api_is_loopback_only(agent, tmp_pat
     assert a.get("/api/v1/status")[0] == 200  # from loopback (other peers: tests/nodes/test_agents.py)
     lines = [json.loads(line) for line in a.log.read_text().splitlines() if line.startswith("{")]
     assert any("loopback only" in line.get("msg", line.get("message", "")) for line in lines), lines
+
+
+def test_pki_command_issues_what_an_agent_serves_with(agent, tls):
+    env = {**os.environ, "MEMSNAP_PKI_DIR": str(tls.root / "pki")}  # the CA the test's clients trust
+    out = tls.root / "node-3"
+    proc = subprocess.run([*MEMSNAP, "pki", "node", "node-3", "--address", "198.18.0.13", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == str(out), proc.stderr
+    assert {f.name: stat.S_IMODE(f.stat().st_mode) for f in out.iterdir()} == \
+        {"tls.crt": 0o600, "tls.key": 0o600, "ca.crt": 0o600}
+    a = agent("--tls-cert", str(out / "tls.crt"), "--tls-key", str(out / "tls.key"), "--tls-ca", str(out / "ca.crt"),
+              "--node-name", "node-3", tls=True)
+    assert call(tls.admin, a.port, "GET", "/api/v1/status", node="node-3")["node"] == "node-3"
+    for bad, error in ((["client", "Admin", "--out", str(out)], "invalid identity name 'Admin'"),
+                       (["node", "node-4", "--address", "300.1.1.1", "--out", str(out)], "'300.1.1.1' does not")):
+        proc = subprocess.run([*MEMSNAP, "pki", *bad], capture_output=True, text=True, env=env, timeout=60)
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1 and error in proc.stderr, proc.stderr

@@ -23,8 +23,27 @@ pytestmark = [pytest.mark.nodes, pytest.mark.slow, pytest.mark.timeout(1500)]
 MEMORY_AGENT = Path(__file__).resolve().parents[1] / "agent" / "memory_agent.py"
 
 
-def in_node(node: str, code: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return nodes.run(node, ["python3", "-c", code], capture_output=True, text=True, timeout=timeout)
+# Runs in a node: one call with the node's own identity, as memsnap's tools there make it.
+NODE_CALL = """
+import asyncio, json, sys
+from memsnap.agent.client import AgentClient
+node, port, method, path, data = sys.argv[1:]
+async def main():
+    async with AgentClient.in_node(node, int(port)) as agent:
+        print(json.dumps(await agent.call_json(method, path, data=data or None)))
+asyncio.run(main())
+"""
+
+
+def in_node(node: str, code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return nodes.run(node, ["python3", "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def node_call(source: str, target: str, method: str, path: str, port: int = agents.PORT, data: str = ""):
+    """Call target's agent from inside source, as source (its /etc/memsnap/tls identity)."""
+    proc = in_node(source, NODE_CALL, target, str(port), method, path, data)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
 
 
 def host_call(node: str, method: str, path: str, files: pki.TlsFiles | None = None, port: int = agents.PORT,
@@ -69,6 +88,17 @@ def wait_answering(check, what: str, timeout: float = 60):
             time.sleep(0.3)
 
 
+@pytest.fixture(autouse=True)
+def agents_answer(local_nodes):
+    """Nodes left running by an older checkout have no agent: say so instead of failing oddly."""
+    for n in local_nodes:
+        try:
+            host_call(n.name, "GET", "/healthz")
+        except AgentError as exc:
+            pytest.fail(f"{n.name} (started from {n.checkout or 'an unknown checkout'}) has no answering agent: "
+                        f"{exc}; renew it with `memsnap nodes down` then `up`")
+
+
 @pytest.fixture
 def stranger(tmp_path) -> pki.TlsFiles:
     """A certificate for node-1 signed by another CA (trusting ours, so it can try)."""
@@ -106,15 +136,7 @@ def test_every_node_runs_an_agent_with_a_certificate_naming_it(local_nodes):
 
 
 def test_node_1_reaches_node_2s_agent_over_mutual_tls(local_nodes):
-    code = ("import asyncio, json\n"
-            "from memsnap.agent.client import AgentClient\n"
-            "async def main():\n"
-            "    async with AgentClient.in_node('node-2') as agent:\n"
-            "        print(json.dumps(await agent.get_json('/api/v1/status')))\n"
-            "asyncio.run(main())\n")
-    proc = in_node("node-1", code)
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["node"] == "node-2"
+    assert node_call("node-1", "node-2", "GET", "/api/v1/status")["node"] == "node-2"
 
 
 def test_agents_refuse_clients_without_a_memsnap_certificate(local_nodes, stranger):
@@ -159,15 +181,8 @@ def test_memory_calls_need_the_certificate_of_the_node_they_claim(local_nodes, n
                         "/tmp/memory-agent.log")
     try:
         wait_answering(lambda: host_call("node-2", "GET", "/healthz", port=9660), "the memory agent")
-        code = ("import asyncio, json\n"
-                "from memsnap.agent.client import AgentClient\n"
-                "async def main():\n"
-                "    async with AgentClient.in_node('node-2', 9660) as agent:\n"
-                "        print(json.dumps(await agent.call_json('POST', '/api/v1/test/echo', data='layer')))\n"
-                "asyncio.run(main())\n")
-        proc = in_node("node-1", code)
-        assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout) == {"node": "node-1", "body": "layer"}
+        echo = node_call("node-1", "node-2", "POST", "/api/v1/test/echo", port=9660, data="layer")
+        assert echo == {"node": "node-1", "body": "layer"}
         # node-1's certificate, claiming to be node-2
         with pytest.raises(AgentError, match="403 the certificate names node-1, not node-2"):
             host_call("node-2", "POST", "/api/v1/test/echo", files=node1_cert, port=9660,

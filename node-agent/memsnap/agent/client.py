@@ -45,7 +45,8 @@ class AgentClient:
         self.files = files
         self.identity = pki.identity_of(files.cert.read_bytes())
         self._ssl = pki.client_context(files)
-        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # No total: a layer may stream for minutes; a peer silent for `timeout` seconds is gone.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout)
         self._session: aiohttp.ClientSession | None = None
 
     @classmethod
