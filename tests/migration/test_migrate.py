@@ -9,6 +9,7 @@ import time
 import pytest
 
 from memsnap import nodes
+from memsnap.nodes import agents
 
 from .conftest import assert_nothing_on, assert_untouched, migrate, sh
 
@@ -116,13 +117,14 @@ def _wait_round(proc: subprocess.Popen) -> None:
 @pytest.mark.parametrize("fault", ["migrate killed", "target agent killed", "link down"])
 def test_a_fault_mid_precopy_leaves_the_workload_on_the_source(ticker, fault):
     t = ticker("node-1", mib=48, rate=2000)
+    agents.start([nodes.get("node-2")])  # an earlier run may have left it dead
     proc = _start_migration(t, "--bandwidth", "16", "--max-downtime-ms", "1")
     try:
         _wait_round(proc)
         if fault == "migrate killed":
             proc.send_signal(signal.SIGKILL)
         elif fault == "target agent killed":
-            sh("node-2", "pkill -KILL -f 'memsnap agent'")
+            sh("node-2", "pkill -KILL -f '[a]gent --listen'")
         else:
             sh("node-2", "ip link set eth0 down")
         out, err = proc.communicate(timeout=120)
@@ -137,5 +139,6 @@ def test_a_fault_mid_precopy_leaves_the_workload_on_the_source(ticker, fault):
         if proc.poll() is None:
             proc.kill()
         sh("node-2", "ip link set eth0 up", check=False)
-        nodes.runtime.ensure_agents() if hasattr(nodes.runtime, "ensure_agents") else None
+        if fault == "target agent killed":  # as a DaemonSet would: it comes back and cleans up
+            agents.start([nodes.get("node-2")])
     assert_nothing_on("node-2", t)

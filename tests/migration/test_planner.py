@@ -51,3 +51,10 @@ def test_bad_policies_are_refused():
     for bad in (Policy(max_downtime_ms=0), Policy(bandwidth_mib_s=-1), Policy(progress_timeout=0)):
         with pytest.raises(ValueError):
             bad.check()
+
+
+def test_a_state_dump_floor_over_the_budget_finalizes_once_memory_is_small():
+    p = Planner(Policy(max_downtime_ms=100), memory_bytes=64 * MIB, fixed_cost_s=0.3)
+    p.observe(rnd(0, 16384, 64 * MIB), now=p.started + 1)
+    d = p.observe(rnd(1, 10, 10 * PAGE, collect_s=1.0, send_s=0.01), now=p.started + 2)
+    assert d.action == "finalize" and "300 ms" in d.reason, d

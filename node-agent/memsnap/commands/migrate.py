@@ -66,7 +66,7 @@ async def _stream(client, agent: str, body: dict, as_json: bool) -> int:
             _show(event)
         if kind == "done":
             outcome = 0
-        elif kind == "error" and not as_json:
+        elif kind == "error":
             print(f"memsnap migrate: {event['error']} (the workload runs on here, as it was)", file=sys.stderr)
     return outcome
 

@@ -15,6 +15,9 @@ MIB = 1 << 20
 
 # QEMU's cpu-throttle-initial / -increment / maximum (percent of CPU taken away)
 THROTTLE_INITIAL, THROTTLE_STEP, THROTTLE_MAX = 20, 10, 99
+# Once the memory part of the predicted pause is this small, a state-dump floor above the
+# budget is the pause: pre-copying longer cannot shorten it.
+FLOOR_SLACK_MS = 10.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,12 @@ class Planner:
         if r.predicted_downtime_ms <= self.policy.max_downtime_ms:
             return Decision("finalize", f"predicted pause {r.predicted_downtime_ms:.0f} ms fits "
                             f"{self.policy.max_downtime_ms} ms", self.throttle)
+        floor_ms = self.fixed_cost_s * 1000
+        if floor_ms > self.policy.max_downtime_ms and r.predicted_downtime_ms - floor_ms <= FLOOR_SLACK_MS:
+            # Memory is no longer what the pause is made of: more rounds cannot shorten it.
+            return Decision("finalize", f"the memory left moves in {r.predicted_downtime_ms - floor_ms:.0f} ms; "
+                            f"dumping and restoring process state alone takes {floor_ms:.0f} ms here, "
+                            f"over the {self.policy.max_downtime_ms} ms budget", self.throttle)
         if now - self.started > self.completion_timeout:
             return Decision("fail", f"did not converge within the completion timeout "
                             f"({self.completion_timeout:.0f} s for {self.memory_bytes / MIB:.0f} MiB); "

@@ -81,6 +81,7 @@ class SourceMigration:
         self.created_on_target = False
         self.layers: list[Path] = []
         self.transferred = 0
+        self.converged_because = "stop-and-copy: no pre-copy"
 
     async def _blocking(self, fn, *args, **kwargs):
         return await asyncio.get_running_loop().run_in_executor(self.worker, lambda: fn(*args, **kwargs))
@@ -102,7 +103,7 @@ class SourceMigration:
         finally:
             self.worker.shutdown(wait=False)
         summary.update(planner.summary(), memory_bytes=memory, transferred_bytes=self.transferred,
-                       converged=True, mode="pre-copy" if self.req.policy.precopy else "stop-and-copy",
+                       converged=True, converged_because=self.converged_because, mode="pre-copy" if self.req.policy.precopy else "stop-and-copy",
                        total_seconds=round(time.monotonic() - began, 3))
         return summary
 
@@ -127,6 +128,7 @@ class SourceMigration:
             decision = planner.observe(r)
             await self.emit({"event": "round", **r.as_json()})
             if decision.action == "finalize":
+                self.converged_because = decision.reason
                 return
             if decision.action == "fail":
                 raise MigrationError(decision.reason)
