@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from .test_checkpoint import memsnap, sh
+from test_checkpoint import memsnap, sh  # same directory (pytest puts it on sys.path)
 
 pytestmark = [pytest.mark.nodes, pytest.mark.slow]
 
