@@ -30,7 +30,8 @@ def dump(pid: int, directory: Path, freeze_cgroup: Path | None, leave_running: b
 def dump_tracked(pid: int, directory: Path, parent_rel: str, freeze_cgroup: Path) -> None:
     """Dump against a parent, taking dirty bits from the uffd-wp protection a tracker keeps
     (memsnap's CRIU, node-agent/criu/patches/0002): only pages written since the parent."""
-    _run(["dump", "-t", str(pid), "-D", str(directory), "-o", "dump.log", "-v4",
+    # -v2 (errors and warnings): at -v4 CRIU logs a line per run of pages, while frozen.
+    _run(["dump", "-t", str(pid), "-D", str(directory), "-o", "dump.log", "-v2",
           "--track-mem-uffd", "--prev-images-dir", parent_rel, "--freeze-cgroup", str(freeze_cgroup)],
          directory / "dump.log")
 

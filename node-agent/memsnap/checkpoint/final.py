@@ -32,7 +32,9 @@ from .layers import entries as layer_entries
 
 def write(root: int, target: Path, parent: Path | None, selection: VmaSelection = VmaSelection()) -> Path:
     if parent is not None:
-        chain.load(parent)
+        # Links only: hashing the whole chain here would delay the freeze, and every page
+        # written meanwhile lands in the final layer; restore checks every checksum.
+        chain.load(parent, verify=False)
     pids = [root] + procfs.descendants(root)
     trackers = {pid: registry.resume(pid, selection) for pid in pids if registry.parked_backend(pid)}
     freezer = own_cgroup(root)
