@@ -39,6 +39,8 @@ def main() -> None:
         from . import final_freeze  # needs local nodes (memsnap's CRIU)
         print("## 6. final checkpoint freeze by memory size, 1 %/s dirtied, in a local node\n")
         print(final_freeze.run(), "\n")
+        print("the same, every size dirtying 10 MiB/s\n")
+        print(final_freeze.run(fixed_rate=True), "\n")
 
 
 if __name__ == "__main__":
