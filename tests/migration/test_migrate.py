@@ -38,7 +38,9 @@ def test_migrate_moves_a_workload_with_its_memory_exact(ticker):
                 "converged", "total_seconds", "pause_phases"):
         assert key in done, key
     assert done["transferred_bytes"] >= 64 << 20 and done["converged"]
-    assert {"freeze", "criu dump", "transfer", "restore"} <= set(done["pause_phases"])
+    phases = set(done["pause_phases"])
+    assert {"freeze", "collect", "memory delta", "transfer", "restore", "until running"} <= phases, phases
+    assert phases & {"criu dump", "criu state dump"}, phases
     for r in rounds:
         assert {"iteration", "bytes_sent", "dirty_pages", "dirty_rate", "bandwidth", "predicted_downtime_ms"} <= set(r)
     source_pid = t.pid
