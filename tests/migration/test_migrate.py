@@ -144,3 +144,54 @@ def test_a_fault_mid_precopy_leaves_the_workload_on_the_source(ticker, fault):
         if fault == "target agent killed":  # as a DaemonSet would: it comes back and cleans up
             agents.start([nodes.get("node-2")])
     assert_nothing_on("node-2", t)
+
+
+SERVER = """
+import socket
+s = socket.create_server(("0.0.0.0", 8080))
+served = 0
+while True:
+    c, _ = s.accept()
+    served += 1
+    c.sendall(f"{socket.gethostname()} {served}".encode())
+    c.close()
+"""
+
+
+def test_a_listening_server_moves_and_keeps_serving(local_nodes):
+    # CRIU must dump inet sockets on kernels since 6.16 (memsnap's CRIU, node-agent/criu/patches/0001).
+    name = "srv-test"
+    pid = int(sh("node-1", 'memsnap containers run --name "$1" -- python3 -c "$2"', name, SERVER).stdout)
+    try:
+        ask = 'python3 -c "import socket,sys; print(socket.create_connection((sys.argv[1], 8080), 5).recv(64).decode())" "$1"'
+        deadline = time.monotonic() + 30
+        while sh("node-2", ask, "node-1", check=False).returncode != 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        host, before = sh("node-2", ask, "node-1").stdout.split()
+        assert host == "node-1"
+        rc, events, err = migrate("node-1", pid, "node-2")
+        assert rc == 0, err
+        host, after = sh("node-1", ask, "node-2").stdout.split()
+        assert host == "node-2" and int(after) == int(before) + 1, (before, after)  # the same process, counting on
+    finally:
+        for node in ("node-1", "node-2"):
+            sh(node, 'memsnap containers stop "$1" 2>/dev/null || true', name, check=False)
+
+
+def test_a_target_with_a_certificate_from_another_ca_is_refused(ticker):
+    # A rogue agent on node-2, port 9700, with a certificate naming node-2 from a CA of its own.
+    sh("node-2", """
+        set -e; mkdir -p /tmp/rogue && cd /tmp/rogue
+        python3 -c 'from memsnap import pki; from pathlib import Path
+ca = pki.CA.new("rogue CA"); c = ca.issue_node("node-2", "198.18.0.12")
+pki.write_credentials(c, pki.TlsFiles(Path("node.crt"), Path("node.key"), Path("ca.crt")), ca.cert_pem)'
+        setsid memsnap agent --listen 198.18.0.12:9700 --metrics-listen none --kubeconfig none \
+            --tls-cert node.crt --tls-key node.key --tls-ca ca.crt </dev/null >rogue.log 2>&1 &
+        sleep 3""")
+    try:
+        t = ticker("node-1", mib=8)
+        rc, events, err = migrate("node-1", t.pid, "node-2:9700")
+        assert rc != 0 and "certificate" in err and len(err.strip().splitlines()) == 1, err
+        assert_untouched(t)
+    finally:
+        sh("node-2", "pkill -f '[9]700' ; rm -rf /tmp/rogue", check=False)

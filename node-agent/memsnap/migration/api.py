@@ -228,6 +228,8 @@ async def incoming_abort(request: web.Request) -> web.Response:
 async def incoming_held(request: web.Request) -> web.Response:
     m = request.match_info
     size = request.app[TARGET].held(_incoming(request), m["layer"], m["name"])
+    if size is None:
+        return _error(404, f"{m['layer']}/{m['name']}: nothing received yet")
     return web.json_response({"size": size})
 
 

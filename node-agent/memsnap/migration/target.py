@@ -106,11 +106,13 @@ class Target:
 
     # -- layers ------------------------------------------------------------------------------
 
-    def held(self, inc: Incoming, layer: str, name: str) -> int:
+    def held(self, inc: Incoming, layer: str, name: str) -> int | None:
+        """Bytes of the file held so far; None when there is no such file yet."""
         _check(LAYER, layer, "layer")
         _check(FILE, name, "file name")
+        done = inc.dir / layer / name
         if (inc.dir / layer).exists():
-            return (inc.dir / layer / name).stat().st_size if (inc.dir / layer / name).exists() else 0
+            return done.stat().st_size if done.exists() else None
         return transfer.held(inc.dir, layer, name)
 
     async def receive(self, inc: Incoming, layer: str, name: str, offset: int, content) -> int:

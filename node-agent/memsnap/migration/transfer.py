@@ -73,11 +73,12 @@ async def _send_file(session, url: str, path: Path, limiter: RateLimiter, retrie
     last: Exception | None = None
     for attempt in range(retries):
         try:
-            offset = await _remote_size(session, url)
-            if offset > size:
-                raise TransferError(f"the target holds more of {path.name} than there is ({offset} > {size})")
-            if offset == size:
+            held = await _remote_size(session, url)
+            if held is not None and held > size:
+                raise TransferError(f"the target holds more of {path.name} than there is ({held} > {size})")
+            if held == size:
                 return sent
+            offset = held or 0  # None: nothing yet (an empty file is still sent, to exist there)
             async with session.put(url, params={"offset": str(offset)},
                                    data=_chunks(path, offset, limiter)) as resp:
                 await _check(resp)
@@ -97,10 +98,10 @@ async def _chunks(path: Path, offset: int, limiter: RateLimiter):
             yield chunk
 
 
-async def _remote_size(session, url: str) -> int:
+async def _remote_size(session, url: str) -> int | None:
     async with session.get(url) as resp:
         if resp.status == 404:
-            return 0
+            return None
         await _check(resp)
         return int((await resp.json())["size"])
 
@@ -135,12 +136,12 @@ def partial_dir(root: Path, layer: str) -> Path:
     return root / f".{layer}.partial"
 
 
-def held(root: Path, layer: str, name: str) -> int:
-    """How many bytes of a file the target holds (0 when none)."""
+def held(root: Path, layer: str, name: str) -> int | None:
+    """How many bytes of a file the target holds (None when it has none)."""
     try:
         return (partial_dir(root, layer) / name).stat().st_size
     except FileNotFoundError:
-        return 0
+        return None
 
 
 async def receive_file(root: Path, layer: str, name: str, offset: int, content) -> int:
@@ -148,7 +149,7 @@ async def receive_file(root: Path, layer: str, name: str, offset: int, content) 
     d = partial_dir(root, layer)
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = d / name
-    have = held(root, layer, name)
+    have = held(root, layer, name) or 0
     if offset != have:
         raise TransferError(f"{name}: offset {offset} does not match the {have} bytes held")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
