@@ -26,6 +26,7 @@ from aiohttp import web
 from .. import pki, procfs
 from ..agent import auth
 from .planner import Policy
+from . import source
 from .source import MigrationError, Request, SourceMigration
 from .target import Target, TargetError
 from .transfer import TransferError
@@ -51,7 +52,7 @@ def setup(app: web.Application, tls: pki.TlsFiles) -> None:
     """Serve migrations on an agent that has mutual TLS (every route here is MEMORY)."""
     me = pki.identity_of(tls.cert.read_bytes())
     app[TARGET], app[CONTEXT] = Target(), MigrationContext(me.name, pki.client_context(tls))
-    for line in app[TARGET].recover():
+    for line in app[TARGET].recover() + source.recover():
         log.warning("%s", line)
     base = "/api/v1/incoming/{id}"
     auth.add_routes(app, [

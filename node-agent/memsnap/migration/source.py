@@ -90,6 +90,8 @@ class SourceMigration:
 
     async def run(self) -> dict:
         began = time.monotonic()
+        self.out.mkdir(mode=0o700, parents=True)
+        (self.out / "source.json").write_text(json.dumps({"pid": self.root, "starttime": self.starttime}))
         try:
             memory = await self._blocking(_memory_bytes, self.root)
             await self._create_on_target(memory)
@@ -229,6 +231,23 @@ class SourceMigration:
 
 
 # ---- blocking helpers (worker thread) ----------------------------------------------------
+
+def recover() -> list[str]:
+    """At agent start: a workload an earlier agent was migrating when it died runs on here,
+    thawed and untracked (the target's lease drops its half)."""
+    done = []
+    if not OUTGOING.is_dir():
+        return done
+    for d in sorted(OUTGOING.iterdir()):
+        try:
+            src = json.loads((d / "source.json").read_text())
+            _restore_source(int(src["pid"]), int(src["starttime"]), None)
+            done.append(f"migration {d.name} of pid {src['pid']} was cut short: the workload runs on here")
+        except (OSError, ValueError, KeyError):
+            pass
+        shutil.rmtree(d, ignore_errors=True)
+    return done
+
 
 def _memory_bytes(root: int) -> int:
     """Private writable memory of the tree: what must move."""

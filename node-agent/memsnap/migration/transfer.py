@@ -154,6 +154,7 @@ async def receive_file(root: Path, layer: str, name: str, offset: int, content) 
         raise TransferError(f"{name}: offset {offset} does not match the {have} bytes held")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
+        os.fchmod(fd, 0o600)  # process memory: root-only, whoever made the file
         async for chunk in content.iter_chunked(CHUNK):
             _write_all(fd, chunk)
     except OSError as exc:
