@@ -1,6 +1,8 @@
 """Tracked pages are exactly the pages a real process wrote, for every backend this kernel has."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from memsnap.tracking import TrackingError, open_session
@@ -150,3 +152,37 @@ def test_lost_events_over_report_never_under_report(workload, monkeypatch):
         assert w.pages(0, 4000) <= w.in_region(sample.dirty.addresses())  # the whole marked memory
         w.send("write 10 5")
         assert dirty_in_region(session, w) == w.pages(10, 5)  # exact again once nothing is lost
+
+
+def _round_dirty(session, w) -> tuple[set[int], bool]:
+    r = session.round()
+    mine = [s for s in r.samples if s.pid == w.pid]
+    return w.in_region(a for s in mine for a in s.dirty.addresses()), any(s.lost for s in mine)
+
+
+def test_bursts_across_round_boundaries_are_never_lost(workload, backend):
+    """Dense bursts of first writes, each cut by a round started at a swept offset into it (from
+    before its first write to after its last), then one more round: every written page is in one
+    of the two, and, unless the round says it lost events, nothing else is."""
+    burst, sweeps, steps = 256, 2, 12
+    w = workload(mib=4 * burst * sweeps * steps // 1024 + 4)
+    with open_session(w.pid, backend) as session:
+        session.start()
+        took = time.monotonic()
+        w.send(f"write 0 {burst}")  # how long a burst runs here (tracked, as below)
+        took = time.monotonic() - took
+        _round_dirty(session, w)
+        failures = []
+        for i in range(sweeps * steps):
+            first = burst * (i + 1)
+            w.start(f"write {first} {burst}")
+            time.sleep(took * 1.5 * (i % steps) / (steps - 1))
+            during, lost_during = _round_dirty(session, w)
+            assert w.finish() == "ok"
+            after, lost_after = _round_dirty(session, w)
+            written, seen = w.pages(first, burst), during | after
+            if not written <= seen or (seen != written and not (lost_during or lost_after)):
+                failures.append(f"burst {i}: {len(written - seen)} written pages missing, "
+                                f"{len(seen - written)} extra ({len(during & written)} + "
+                                f"{len(after & written)} reported)")
+        assert not failures, f"burst of {took * 1000:.1f} ms; " + "; ".join(failures)
