@@ -17,7 +17,7 @@ MIB = 1 << 20
 THROTTLE_INITIAL, THROTTLE_STEP, THROTTLE_MAX = 20, 10, 99
 # Once the memory part of the predicted pause is this small, a state-dump floor above the
 # budget is the pause: pre-copying longer cannot shorten it.
-FLOOR_SLACK_MS = 10.0
+FLOOR_SLACK_MS, FLOOR_SLACK_SHARE = 10.0, 0.1
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,14 @@ class Planner:
         self._measure(r)
         self.rounds.append(r)
         if r.iteration == 0:  # the full copy: the dirty rate is measured from the next round on
+            self._best_at = now  # and progress is judged from there
             return Decision("continue", "", self.throttle)
         if r.predicted_downtime_ms <= self.policy.max_downtime_ms:
             return Decision("finalize", f"predicted pause {r.predicted_downtime_ms:.0f} ms fits "
                             f"{self.policy.max_downtime_ms} ms", self.throttle)
         floor_ms = self.fixed_cost_s * 1000
-        if floor_ms > self.policy.max_downtime_ms and r.predicted_downtime_ms - floor_ms <= FLOOR_SLACK_MS:
+        slack = max(FLOOR_SLACK_MS, FLOOR_SLACK_SHARE * floor_ms)
+        if floor_ms > self.policy.max_downtime_ms and r.predicted_downtime_ms - floor_ms <= slack:
             # Memory is no longer what the pause is made of: more rounds cannot shorten it.
             return Decision("finalize", f"the memory left moves in {r.predicted_downtime_ms - floor_ms:.0f} ms; "
                             f"dumping and restoring process state alone takes {floor_ms:.0f} ms here, "
@@ -114,11 +116,13 @@ class Planner:
             self._best, self._best_at, self._stalled = r.remaining_bytes, now, 0
         else:
             self._stalled += 1
-        if now - self._best_at > self.policy.progress_timeout:
+        converging = self.policy.auto_converge and self.throttle < THROTTLE_MAX
+        if now - self._best_at > self.policy.progress_timeout and not converging:
             return Decision("fail", f"no progress for {self.policy.progress_timeout:.0f} s (progress timeout): "
                             f"the workload dirties {r.dirty_rate / MIB:.1f} MiB/s, the link carries "
                             f"{r.bandwidth / MIB:.1f} MiB/s" + ("" if self.policy.auto_converge else
-                                                                "; --auto-converge would throttle it"))
+                                                                "; --auto-converge would throttle it")
+                            + (f" (throttled {self.throttle} %)" if self.throttle else ""))
         if self.policy.auto_converge and self._stalled >= 1 and len(self.rounds) >= 2:
             self._step_throttle()
             self._stalled = 0
