@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import functools
+import os
+import re
+import select
 import shutil
 import subprocess
 from pathlib import Path
@@ -57,6 +60,44 @@ def restore(directory: Path, pidfile: Path, log_dir: Path, preexec_fn=None) -> N
     (memsnap's frozen freezer cgroup among them) must not come back."""
     _run(["restore", "-D", str(directory), "-d", "--pidfile", str(pidfile), "--manage-cgroups=ignore",
           "-o", str(log_dir / "restore.log"), "-v4"], log_dir / "restore.log", preexec_fn)
+
+
+def restore_lazy(directory: Path, pidfile: Path, log_dir: Path, preexec_fn=None) -> None:
+    """As restore(), leaving the lazy pages to the lazy-pages daemon serving directory
+    (start_lazy_pages): the tree runs before they are read."""
+    _run(["restore", "-D", str(directory), "-d", "--lazy-pages", "--pidfile", str(pidfile),
+          "--manage-cgroups=ignore", "-o", str(log_dir / "restore.log"), "-v4"],
+         log_dir / "restore.log", preexec_fn)
+
+
+def start_lazy_pages(directory: Path, log: Path, timeout: float = 10.0) -> subprocess.Popen:
+    """`criu lazy-pages` serving directory's own images (no page server), in the foreground of
+    a child we can watch: it exits 0 once every lazy page is in, non-zero if the fill failed.
+    Returns once it listens (--status-fd), so that a restore can connect."""
+    ready_r, ready_w = os.pipe()
+    try:
+        proc = subprocess.Popen([binary(), "lazy-pages", "-D", str(directory), "-o", str(log), "-v2",
+                                 "--status-fd", str(ready_w)], pass_fds=(ready_w,),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finally:
+        os.close(ready_w)
+    try:
+        if not select.select([ready_r], [], [], timeout)[0] or not os.read(ready_r, 1):
+            proc.kill()
+            proc.wait()
+            raise CriuError(f"criu lazy-pages did not start: {_tail(log)}")
+    finally:
+        os.close(ready_r)
+    return proc
+
+
+def restored_lazy_pages(log_dir: Path) -> int:
+    """Pages the restore left to the lazy-pages daemon (CRIU's `nr_lazy`, summed over tasks)."""
+    try:
+        text = (log_dir / "restore.log").read_text(errors="replace")
+    except OSError:
+        return 0
+    return sum(int(m) for m in re.findall(r"nr_lazy:\s+(\d+)", text))
 
 
 def _run(args: list[str], log: Path, preexec_fn=None) -> None:

@@ -11,7 +11,8 @@ Target side (called by the source node's agent; only that node may drive its mig
     PUT    /api/v1/incoming/{id}/layers/{layer}/files/{name}?offset=N  streamed body
     POST   /api/v1/incoming/{id}/layers/{layer}/commit               the layer's manifest
     POST   /api/v1/incoming/{id}/restore      {"layer"} -> {"pid", "restore_seconds"}
-    POST   /api/v1/incoming/{id}/commit       the source has handed over
+    POST   /api/v1/incoming/{id}/commit       the source has handed over; answers after the
+                                              background fill -> {"fill_seconds"}
 """
 from __future__ import annotations
 
@@ -264,5 +265,5 @@ async def incoming_restore(request: web.Request) -> web.Response:
 @_target_errors
 async def incoming_commit(request: web.Request) -> web.Response:
     inc = _incoming(request)
-    await asyncio.to_thread(request.app[TARGET].commit, inc)
-    return web.json_response({"id": inc.id, "state": "committed"})
+    done = await asyncio.to_thread(request.app[TARGET].commit, inc)
+    return web.json_response({"id": inc.id, "state": "committed", **done})

@@ -176,21 +176,22 @@ class SourceMigration:
         running_at = time.monotonic()
         pause.phases["restore"] = restored.get("restore_seconds", 0.0)
         pause.phases["until running"] = round(running_at - t - pause.phases["restore"], 6)
-        await self._commit()
+        committed = await self._commit()
         await self._end_source()
         downtime = running_at - frozen_at
         _record_fixed_cost(m.phases, restored)
         return {"event": "done", "target_node": self.req.target, "target_pid": restored["pid"],
                 "downtime_ms": round(downtime * 1000, 1), "final_layer_bytes": sent.bytes,
-                "pause_phases": {k: round(v * 1000, 1) for k, v in pause.phases.items()}}
+                "pause_phases": {k: round(v * 1000, 1) for k, v in pause.phases.items()},
+                "lazy_pages": restored.get("lazy_pages", 0), "fill_seconds": committed.get("fill_seconds")}
 
-    async def _commit(self) -> None:
-        """Hand over. If the answer is lost, ask until the target says what it did: the
-        source copy is ended only when the target holds the workload for good."""
+    async def _commit(self) -> dict:
+        """Hand over (the target answers once its background fill is done). If the answer is
+        lost, ask until the target says what it did: the source copy is ended only when the
+        target holds the workload for good."""
         deadline = time.monotonic() + COMMIT_WAIT
         try:
-            await _call(self.session, "POST", f"{self.req.base_url}/commit", {})
-            return
+            return await _call(self.session, "POST", f"{self.req.base_url}/commit", {})
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             first = exc
         while time.monotonic() < deadline:
@@ -202,9 +203,8 @@ class SourceMigration:
                 await asyncio.sleep(1.0)
                 continue
             if state == "committed":
-                return
-            await _call(self.session, "POST", f"{self.req.base_url}/commit", {})
-            return
+                return {}
+            return await _call(self.session, "POST", f"{self.req.base_url}/commit", {})
         raise MigrationError(f"could not commit the hand-over to {self.req.target}: {first}")
 
     async def _end_source(self) -> None:

@@ -4,6 +4,11 @@ the source commits, or remove every trace of it.
 Each incoming migration lives in /var/lib/memsnap/incoming/<id>/ (root-only) with a state file.
 Until the source commits, the restored workload is provisional: an abort, a source that stops
 talking for LEASE seconds, or an agent restart kills it and deletes the images.
+
+The restore is lazy (unless MEMSNAP_LAZY_RESTORE=0): CRIU restores the process state and the
+pages of the last delta, the workload runs, and `criu lazy-pages` fills the pre-copied memory in
+from the local chain in the background. The commit waits for that fill: a fill that fails
+kills the restored copy and the commit is refused, so the source, still frozen, thaws its own.
 """
 from __future__ import annotations
 
@@ -13,13 +18,14 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .. import cgroupfs, containers, procfs
-from ..checkpoint import criu
+from ..checkpoint import criu, lazy
 from ..checkpoint import restore as chain_restore
 from . import transfer
 
@@ -27,6 +33,8 @@ log = logging.getLogger(__name__)
 
 INCOMING = Path("/var/lib/memsnap/incoming")
 LEASE = 20.0  # seconds of silence from the source after which an uncommitted migration aborts
+# A commit waits this long for the background fill; under the source's 60 s read timeout.
+FILL_TIMEOUT = 45.0
 ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 LAYER = re.compile(r"^(l[0-9]{1,4}|final)$")
 FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -47,7 +55,7 @@ class Incoming:
     container: str
     argv: list[str] = field(default_factory=list)
     memory_bytes: int = 0
-    state: str = "receiving"  # receiving, restored, committed
+    state: str = "receiving"  # receiving, restored, committed, failed
     layers: list[str] = field(default_factory=list)
     pid: int = 0
     starttime: int = 0
@@ -58,12 +66,41 @@ class Incoming:
         return INCOMING / self.id
 
 
+@dataclass
+class Fill:
+    """The lazy-pages daemon filling a restored workload's memory in the background."""
+    proc: subprocess.Popen
+    log: Path
+    began: float
+    lazy_pages: int
+
+    def wait(self, timeout: float) -> tuple[float, str]:
+        """Seconds the fill took (from the restore on), and "" or why it failed."""
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            return time.monotonic() - self.began, f"the background fill did not finish in {timeout:.0f} s"
+        took = time.monotonic() - self.began
+        if rc != 0:
+            how = f"was killed by signal {-rc}" if rc < 0 else f"failed (exit {rc})"
+            return took, f"the background fill (criu lazy-pages) {how}: {criu._tail(self.log)}".rstrip(": ")
+        return took, ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+
 class Target:
     """Every incoming migration of this node's agent."""
 
     def __init__(self, root: Path = INCOMING):
         self.root = root
         self.active: dict[str, Incoming] = {}
+        self.fills: dict[str, Fill] = {}  # lazy restores still filling or not yet committed
+        self.committing: set[str] = set()  # waiting for their fill: the lease does not run
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -148,40 +185,70 @@ class Target:
             raise TargetError(f"layer {layer} was not received", 409)
         began = time.monotonic()
         try:
-            pid = restore_container(inc.dir / layer, inc.container)
+            pid, fill = restore_container(inc.dir / layer, inc.container, lazy_restore_enabled())
         except (criu.CriuError, chain_restore.LayerError, containers.ContainerError, OSError) as exc:
             raise TargetError(f"restore failed on this node: {exc}", 500) from None
         inc.pid, inc.starttime, inc.state = pid, procfs.read_stat(pid).starttime, "restored"
+        if fill is not None:
+            self.fills[inc.id] = fill
         self._save(inc)
         restored_at = time.monotonic()
         if not confirm_running(pid, inc.starttime):
             _kill_restored(inc)
+            self._stop_fill(inc)
             raise TargetError(f"the restored workload (pid {pid}) does not run", 500)
         if inc.container:
             containers.save(containers.Container(inc.container, pid, inc.starttime, inc.argv, "/dev/null"))
         return {"pid": pid, "restore_seconds": round(restored_at - began, 6),
-                "confirm_seconds": round(time.monotonic() - restored_at, 6)}
+                "confirm_seconds": round(time.monotonic() - restored_at, 6),
+                "lazy": fill is not None, "lazy_pages": fill.lazy_pages if fill else 0}
 
-    def commit(self, inc: Incoming) -> None:
-        """The source has handed over: the workload is ours, its images are not needed."""
+    def commit(self, inc: Incoming) -> dict:
+        """The source has handed over: once the background fill is done, the workload is ours
+        and its images are not needed. A failed fill kills the restored copy and refuses."""
         if inc.state != "restored":
             raise TargetError(f"migration {inc.id} has nothing restored to commit", 409)
+        fill_seconds = self._wait_fill(inc)
         inc.state = "committed"
         self.active.pop(inc.id, None)
         shutil.rmtree(inc.dir, ignore_errors=True)
+        return {"fill_seconds": round(fill_seconds, 6)}
+
+    def _wait_fill(self, inc: Incoming) -> float:
+        fill = self.fills.get(inc.id)
+        if fill is None:
+            return 0.0
+        self.committing.add(inc.id)
+        try:
+            took, failed = fill.wait(FILL_TIMEOUT)
+        finally:
+            self.committing.discard(inc.id)
+            inc.last_seen = time.monotonic()
+        if failed:
+            self.abort(inc, failed)
+            inc.state = "failed"
+            raise TargetError(f"{failed}; the restored workload was killed on this node", 500)
+        self.fills.pop(inc.id, None)
+        return took
 
     def abort(self, inc: Incoming, why: str) -> None:
-        """Remove every trace: the restored workload (if any), the images, the record."""
+        """Remove every trace: the restored workload (if any), its fill, the images, the record."""
         log.warning("migration %s from %s aborted: %s", inc.id, inc.source, why)
         if inc.state == "restored":
             _kill_restored(inc)
+        self._stop_fill(inc)
         self.active.pop(inc.id, None)
         shutil.rmtree(inc.dir, ignore_errors=True)
+
+    def _stop_fill(self, inc: Incoming) -> None:
+        fill = self.fills.pop(inc.id, None)
+        if fill is not None:  # after the kill: a daemon whose tasks are gone has nothing to do
+            fill.stop()
 
     def expire(self, now: float | None = None) -> None:
         now = time.monotonic() if now is None else now
         for inc in list(self.active.values()):
-            if now - inc.last_seen > LEASE:
+            if inc.id not in self.committing and now - inc.last_seen > LEASE:
                 self.abort(inc, f"no word from {inc.source} for {LEASE:.0f} s")
 
     def status(self, inc: Incoming) -> dict:
@@ -217,16 +284,38 @@ def _kill_restored(inc: Incoming) -> None:
         os.kill(inc.pid, signal.SIGKILL)
 
 
-def restore_container(layer: Path, name: str) -> int:
+def lazy_restore_enabled() -> bool:
+    return os.environ.get("MEMSNAP_LAZY_RESTORE", "1") != "0"
+
+
+def restore_container(layer: Path, name: str, lazy_fill: bool = False) -> tuple[int, Fill | None]:
     """criu restore of the chain, the restored tree in container name's cgroups (a fresh set,
-    not the one it was dumped from), detached; returns its pid as this node sees it."""
+    not the one it was dumped from), detached; returns its pid as this node sees it and, with
+    lazy_fill, the daemon filling its memory in."""
     paths = containers.make_cgroups(name) if name else {}
+    preexec = containers.join_cgroups_fn(paths) if paths else None
     with tempfile.TemporaryDirectory(prefix="memsnap-restore-") as work:
         newest = chain_restore.verify(layer)[0].dir
         pidfile = Path(work) / "pid"
-        criu.restore(newest, pidfile, Path(work),
-                     preexec_fn=containers.join_cgroups_fn(paths) if paths else None)
-        return int(pidfile.read_text())
+        if not lazy_fill:
+            criu.restore(newest, pidfile, Path(work), preexec_fn=preexec)
+            return int(pidfile.read_text()), None
+        return _restore_lazy(newest, pidfile, Path(work), preexec)
+
+
+def _restore_lazy(newest: Path, pidfile: Path, work: Path, preexec) -> tuple[int, Fill]:
+    # The in-parent pages (the pre-copied memory) become lazy too: restore reads only the delta.
+    lazy.mark_parent_pages_lazy(newest)
+    log_path = newest.parent / "lazy-pages.log"  # beside the chain: goes with it
+    proc = criu.start_lazy_pages(newest, log_path)
+    try:
+        criu.restore_lazy(newest, pidfile, work, preexec_fn=preexec)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        raise
+    fill = Fill(proc, log_path, time.monotonic(), criu.restored_lazy_pages(work))
+    return int(pidfile.read_text()), fill
 
 
 def confirm_running(pid: int, starttime: int, settle: float = 0.05) -> bool:
