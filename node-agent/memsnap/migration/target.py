@@ -27,6 +27,7 @@ from pathlib import Path
 from .. import cgroupfs, containers, procfs
 from ..checkpoint import criu, lazy
 from ..checkpoint import restore as chain_restore
+from ..images import chain
 from . import transfer
 
 log = logging.getLogger(__name__)
@@ -295,12 +296,23 @@ def restore_container(layer: Path, name: str, lazy_fill: bool = False) -> tuple[
     paths = containers.make_cgroups(name) if name else {}
     preexec = containers.join_cgroups_fn(paths) if paths else None
     with tempfile.TemporaryDirectory(prefix="memsnap-restore-") as work:
-        newest = chain_restore.verify(layer)[0].dir
         pidfile = Path(work) / "pid"
         if not lazy_fill:
+            newest = chain_restore.verify(layer)[0].dir
             criu.restore(newest, pidfile, Path(work), preexec_fn=preexec)
             return int(pidfile.read_text()), None
-        return _restore_lazy(newest, pidfile, Path(work), preexec)
+        return _restore_lazy(_received_chain(layer), pidfile, Path(work), preexec)
+
+
+def _received_chain(layer: Path) -> Path:
+    """The newest layer of a received chain, its links checked. Not its checksums nor every
+    page reference, which cost time in proportion to memory, during the pause: every file was
+    checked against its manifest on receipt, and a page the chain lacks fails CRIU's restore or
+    the background fill, which rolls the migration back."""
+    layers = chain.load(layer, verify=False)
+    if layers[0].manifest.kind != "final":
+        raise chain_restore.LayerError(f"{layer} is a pre-copy layer: restore needs a final one")
+    return layers[0].dir
 
 
 def _restore_lazy(newest: Path, pidfile: Path, work: Path, preexec) -> tuple[int, Fill]:
