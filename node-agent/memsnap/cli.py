@@ -17,6 +17,7 @@ COMMANDS = [
     "memsnap.commands.backends",
     "memsnap.commands.checkpoint",
     "memsnap.commands.nodes",
+    "memsnap.commands.cluster",
     "memsnap.commands.agent",
     "memsnap.commands.demo",
 ]

@@ -1,0 +1,235 @@
+"""`up`, `down`, `status` and `load` of the cluster: the control plane on the host, workers in local nodes.
+
+``up`` is all-or-explain: when a component fails it stops and names the component and its log,
+leaving everything in place to read; ``down`` (or the next ``up``) clears it. The cluster's nodes
+are local nodes (memsnap.nodes): ``up`` restarts any that run already, so each worker starts clean.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import tarfile
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from memsnap import nodes
+from memsnap.cluster import api, controlplane, kubeconfig, state, worker
+from memsnap.cluster import build as kbuild
+from memsnap.nodes import net
+from memsnap.nodes import runtime as nodes_runtime
+
+Log = Callable[[str], None]
+LOCK_FILE = Path("/run/memsnap/cluster.lock")
+READY_TIMEOUT = 180.0
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be brought up, or an operation on it failed."""
+
+
+class BadRequest(ClusterError, ValueError):
+    """The request itself is wrong (bad count, no cluster, bad archive)."""
+
+
+class AlreadyUp(ClusterError):
+    """up on a cluster that runs and is healthy."""
+
+
+@dataclass
+class Status:
+    up: bool
+    components: dict[str, str] = field(default_factory=dict)  # control plane: "running" or why not
+    nodes: dict[str, str] = field(default_factory=dict)  # node: "Ready" or why not
+    kubeconfig: str = ""
+
+    @property
+    def healthy(self) -> bool:
+        return (self.up and all(v == "running" for v in self.components.values())
+                and all(v == "Ready" for v in self.nodes.values()))
+
+
+@contextmanager
+def _locked() -> Iterator[None]:
+    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
+    with open(LOCK_FILE, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _require_root() -> None:
+    if os.geteuid() != 0:
+        raise ClusterError("the cluster needs root (local nodes, host processes, routes)")
+
+
+def _stderr(msg: str) -> None:
+    import sys
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- up ----------------------------------------------------------------------------------
+
+def up(count: int = 2, bare: bool = True, log: Log | None = None) -> Status:
+    log = log or _stderr
+    limit = min(state.MAX_NODES, net.MAX_NODES)
+    if not 1 <= count <= limit:
+        raise BadRequest(f"--nodes must be between 1 and {limit}, got {count}")
+    _require_root()
+    with _locked():
+        old = state.load()
+        if old is not None:
+            current = _status(old)
+            if current.healthy:
+                raise AlreadyUp(f"the cluster is already up with {len(old.nodes)} Ready nodes "
+                                f"({', '.join(old.nodes)}); `memsnap cluster down` first to start another")
+            log("memsnap: clearing the remains of a previous cluster")
+            _teardown(old)
+        elif state.DATA_DIR.exists():
+            shutil.rmtree(state.DATA_DIR)
+        started = time.monotonic()
+        b = kbuild.ensure(log)
+        names = [nodes_runtime.node_name(i) for i in range(1, count + 1)]
+        st = state.State(nodes=names, bare=bare)
+        state.save(st)  # from here on, down finds whatever is started
+        tokens = kubeconfig.make_credentials(names)
+        log("memsnap: starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler")
+        controlplane.start(b, st, tokens, record=lambda: state.save(st))
+        kubeconfig.write(state.ADMIN_KUBECONFIG, kubeconfig.ADMIN[0], tokens[kubeconfig.ADMIN[0]])
+        workers = _start_nodes(names, log)
+        for w in workers:
+            log(f"memsnap: starting containerd and kubelet on {w.name}")
+            worker.setup(w, b, tokens[kubeconfig.kubelet_identity(w.name)[0]])
+        worker.route(workers)
+        _wait_ready(st)
+        _wait_service_account()
+        log(f"memsnap: cluster up with {count} Ready nodes in {time.monotonic() - started:.1f} s; "
+            f"kubeconfig: {state.ADMIN_KUBECONFIG}")
+        return _status(st)
+
+
+def _start_nodes(names: list[str], log: Log) -> list[worker.Worker]:
+    running = [n.name for n in nodes.list_nodes() if n.running and n.name in names]
+    if running:
+        log(f"memsnap: restarting {', '.join(running)} for the cluster (a worker starts clean)")
+        nodes.down(running)
+    nodes.up(count=len(names), log=log)
+    return [worker.Worker(n.name, n.index, n.address) for n in (nodes.get(name) for name in names)]
+
+
+def _wait_ready(st: state.State) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        current = _status(st)
+        broken = {k: v for k, v in current.components.items() if v != "running"}
+        if broken:
+            raise ClusterError("; ".join(f"{k}: {v}" for k, v in broken.items()))
+        waiting = {k: v for k, v in current.nodes.items() if v != "Ready"}
+        if not waiting:
+            return
+        dead = {k: v for k, v in waiting.items() if "not running" in v}
+        if dead or time.monotonic() > deadline:
+            raise ClusterError("; ".join(f"{k}: {v}" for k, v in (dead or waiting).items()))
+        time.sleep(0.5)
+
+
+def _wait_service_account(timeout: float = 60.0) -> None:
+    """Pods in `default` need its service account and token secret, which the controllers create."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sa = api.get("/api/v1/namespaces/default/serviceaccounts/default")
+        if sa.get("secrets"):
+            return
+        if time.monotonic() > deadline:
+            raise ClusterError("no token for the default service account after "
+                               f"{timeout:.0f} s; log: {state.LOG_DIR / 'kube-controller-manager.log'}")
+        time.sleep(0.5)
+
+
+# ---- down --------------------------------------------------------------------------------
+
+def down() -> bool:
+    """Stop everything the cluster started and remove what it left; False if there was nothing."""
+    _require_root()
+    with _locked():
+        st = state.load()
+        if st is None:
+            found = state.DATA_DIR.exists()
+            shutil.rmtree(state.DATA_DIR, ignore_errors=True)
+            return found
+        _teardown(st)
+        return True
+
+
+def _teardown(st: state.State) -> None:
+    controlplane.stop(st)
+    known = {n.name for n in nodes.list_nodes()}
+    cluster_nodes = [n for n in st.nodes if n in known]
+    if cluster_nodes:
+        nodes.down(cluster_nodes)
+    worker.unroute([int(n.rsplit("-", 1)[1]) for n in st.nodes])
+    shutil.rmtree(state.DATA_DIR, ignore_errors=True)
+    shutil.rmtree(state.STATE_DIR, ignore_errors=True)
+
+
+# ---- status ------------------------------------------------------------------------------
+
+def status() -> Status:
+    st = state.load()
+    return Status(up=False) if st is None else _status(st)
+
+
+def _status(st: state.State) -> Status:
+    components = controlplane.health(st)
+    try:
+        conditions = api.node_conditions() if components["kube-apiserver"] == "running" else None
+    except api.ApiError as exc:
+        components["kube-apiserver"] = str(exc)
+        conditions = None
+    return Status(up=True, components=components, nodes={n: _node_status(n, conditions) for n in st.nodes},
+                  kubeconfig=str(state.ADMIN_KUBECONFIG))
+
+
+def _node_status(name: str, conditions: dict[str, dict] | None) -> str:
+    try:
+        nodes.get(name)
+    except nodes.NodeNotRunning:
+        return "node not running (its init is gone)"
+    running = worker.daemons(name)
+    why = [f"{c} not running, log: {state.node_log(name, c)}" for c in ("containerd", "kubelet") if c not in running]
+    if conditions is None:
+        return "; ".join(why + ["API server unavailable"])
+    ready = conditions.get(name)
+    if ready is None:
+        return "; ".join(why + ["not registered with the API server yet"])
+    if ready.get("status") == "True" and not why:
+        return "Ready"
+    api_says = f"API: Ready={ready.get('status')} ({ready.get('reason', '')}: {ready.get('message', '')})"
+    state_word = "Ready" if ready.get("status") == "True" else "NotReady"
+    return "; ".join([state_word] + why + [api_says])
+
+
+# ---- load --------------------------------------------------------------------------------
+
+def load(archive: Path) -> dict[str, list[str]]:
+    """Import an image archive into every node; returns node -> image names imported."""
+    _check_archive(archive)
+    _require_root()
+    st = state.load()
+    if st is None:
+        raise BadRequest("no cluster is up (run `memsnap cluster up`)")
+    return {name: worker.import_image(name, archive) for name in st.nodes}
+
+
+def _check_archive(archive: Path) -> None:
+    if not archive.is_file():
+        raise BadRequest(f"no such image archive: {archive}")
+    try:
+        with tarfile.open(archive) as tar:
+            names = {m.name.lstrip("./") for m in tar.getmembers()}
+    except tarfile.TarError:
+        raise BadRequest(f"{archive} is not a tar archive (want a docker-archive or an OCI layout)") from None
+    if not names & {"manifest.json", "index.json"}:
+        raise BadRequest(f"{archive} has neither manifest.json (docker-archive) nor index.json (OCI layout)")
