@@ -11,7 +11,7 @@ test: setup
 	.venv/bin/python -m pytest -ra
 
 test-quick: setup
-	.venv/bin/python -m pytest -ra -m "not slow and not vm and not nodes"
+	.venv/bin/python -m pytest -ra -m "not slow and not vm and not nodes and not cluster"
 
 bench: setup
 	.venv/bin/python -m bench

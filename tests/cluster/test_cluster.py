@@ -1,0 +1,87 @@
+"""`memsnap cluster` with the real components: API server, controllers, scheduler, kubelets, containerd."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from memsnap.cluster import state
+from memsnap.cluster.testing import COUNT, pod, run_cli
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+def test_nodes_are_ready_and_status_says_so(cluster, kubectl):
+    nodes = kubectl.json("get", "nodes")["items"]
+    ready = {n["metadata"]["name"]: next(c["status"] for c in n["status"]["conditions"] if c["type"] == "Ready")
+             for n in nodes}
+    assert ready == {f"node-{i}": "True" for i in range(1, COUNT + 1)}
+    addresses = {n["metadata"]["name"]: [a["address"] for a in n["status"]["addresses"] if a["type"] == "InternalIP"]
+                 for n in nodes}
+    assert addresses == {f"node-{i}": [f"198.18.0.{10 + i}"] for i in range(1, COUNT + 1)}
+    proc = run_cli("status", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    status = json.loads(proc.stdout)
+    assert status["healthy"] and set(status["nodes"]) == {"node-1", "node-2"}
+    assert set(status["components"].values()) == {"running"}
+    assert run_cli("kubeconfig").stdout.strip() == str(state.ADMIN_KUBECONFIG)
+
+
+def test_up_when_up_says_so(cluster):
+    proc = run_cli("up", "--nodes", str(COUNT))
+    assert proc.returncode == 0
+    assert "already up" in proc.stderr
+
+
+def test_bad_input_gets_one_line_errors(cluster, tmp_path):
+    proc = run_cli("up", "--nodes", "0")
+    assert proc.returncode == 2 and "--nodes must be between 1 and" in proc.stderr
+    not_an_image = tmp_path / "x.tar"
+    not_an_image.write_text("hello")
+    proc = run_cli("load", str(not_an_image))
+    assert proc.returncode == 2 and "is not a tar archive" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    proc = run_cli("load", str(tmp_path / "missing.tar"))
+    assert proc.returncode == 2 and "no such image archive" in proc.stderr
+
+
+def test_a_local_image_runs_on_a_chosen_node_with_logs_and_exec(cluster, kubectl):
+    kubectl.apply(pod("hello", "node-2", ["sh", "-c", "echo hello from $(hostname); exec sleep 100000"]))
+    try:
+        p = kubectl.pod_running("hello")
+        assert p["spec"]["nodeName"] == "node-2"
+        assert p["status"]["podIP"].startswith("198.19.2.")
+        kubectl.wait_for(lambda: "hello from hello" in kubectl("logs", "hello").stdout, "the pod's output")
+        assert kubectl("exec", "hello", "--", "cat", "/proc/1/cmdline").stdout.startswith("sleep")
+        # Its service-account token is mounted, signed for the API server.
+        token = kubectl("exec", "hello", "--", "cat",
+                        "/var/run/secrets/kubernetes.io/serviceaccount/token").stdout
+        assert token.count(".") == 2
+    finally:
+        kubectl("delete", "pod", "hello", "--wait=true")
+
+
+def test_the_scheduler_places_a_pod_without_a_node_name(cluster, kubectl):
+    manifest = pod("placed", "", ["sleep", "100000"])
+    del manifest["spec"]["nodeName"]
+    kubectl.apply(manifest)
+    try:
+        assert kubectl.pod_running("placed")["spec"]["nodeName"] in {"node-1", "node-2"}
+    finally:
+        kubectl("delete", "pod", "placed", "--wait=true")
+
+
+def test_pods_on_different_nodes_reach_each_other(cluster, kubectl):
+    server = pod("web", "node-1", ["sh", "-c", "mkdir -p /www && echo served-by-node-1 > /www/index.html "
+                                   "&& exec httpd -f -p 8080 -h /www"])
+    kubectl.apply(server)
+    kubectl.apply(pod("client", "node-2", ["sleep", "100000"]))
+    try:
+        ip = kubectl.pod_running("web")["status"]["podIP"]
+        assert ip.startswith("198.19.1.")
+        kubectl.pod_running("client")
+        fetched = kubectl.wait_for(
+            lambda: kubectl("exec", "client", "--", "wget", "-qO-", "-T", "3", f"http://{ip}:8080/",
+                            check=False).stdout, "the client to reach the server")
+        assert fetched.strip() == "served-by-node-1"
+    finally:
+        kubectl("delete", "pod", "web", "client", "--wait=true")
