@@ -1,7 +1,7 @@
 """Faults, in order: a killed kubelet, `up` over the remains of a crash, then `down` (twice).
 
-These run after test_cluster.py (file order) and leave the cluster down; the session fixture's
-own `down` is then a no-op."""
+Marked destructive, these run after every other cluster test (tests/conftest.py) and leave the
+cluster down; the session fixture's own `down` is then a no-op."""
 from __future__ import annotations
 
 import json
@@ -17,7 +17,7 @@ from memsnap.cluster import state, worker
 from memsnap.cluster.testing import COUNT, run_cli
 from memsnap.nodes import cgroups, net
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster(destructive=True), pytest.mark.slow]
 
 
 def ready(kubectl, node: str) -> str:

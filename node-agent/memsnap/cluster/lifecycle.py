@@ -95,10 +95,10 @@ def up(count: int = 2, bare: bool = True, log: Log | None = None) -> Status:
         st = state.State(nodes=names, bare=bare)
         state.save(st)  # from here on, down finds whatever is started
         tokens = kubeconfig.make_credentials(names)
+        workers = _start_nodes(names, log)  # first: the API server listens on their bridge
         log("memsnap: starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler")
         controlplane.start(b, st, tokens, record=lambda: state.save(st))
         kubeconfig.write(state.ADMIN_KUBECONFIG, kubeconfig.ADMIN[0], tokens[kubeconfig.ADMIN[0]])
-        workers = _start_nodes(names, log)
         for w in workers:
             log(f"memsnap: starting containerd and kubelet on {w.name}")
             worker.setup(w, b, tokens[kubeconfig.kubelet_identity(w.name)[0]])
