@@ -8,11 +8,12 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from memsnap.cluster.testing import pod
+from memsnap.cluster.testing import local_only, pod
 
 from .conftest import free_port, wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+# local_only: the agent runs on the host and finds pods in the host's view of node-1's cgroups.
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, local_only]
 
 NODE = "node-1"
 

@@ -14,10 +14,10 @@ import pytest
 
 from memsnap import nodes, procfs
 from memsnap.cluster import state, worker
-from memsnap.cluster.testing import COUNT, run_cli
+from memsnap.cluster.testing import COUNT, local_only, run_cli
 from memsnap.nodes import cgroups, net
 
-pytestmark = [pytest.mark.cluster(destructive=True), pytest.mark.slow]
+pytestmark = [pytest.mark.cluster(destructive=True), pytest.mark.slow, local_only]
 
 
 def ready(kubectl, node: str) -> str:

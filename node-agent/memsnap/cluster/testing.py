@@ -5,11 +5,14 @@
 ``cluster`` brings one two-node cluster up for the whole session (building the binaries first on
 a cold cache) and takes it down at the end, unless it was up before. Tests marked ``cluster``
 run after all others (tests/conftest.py): bringing the cluster up restarts node-1 and node-2.
+With MEMSNAP_TEST_CLUSTER=kind the same tests run on kind instead (skipped, with the reason,
+where no Docker engine answers); tests of `memsnap cluster` itself are marked ``local_only``.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -93,23 +96,118 @@ def pod(name: str, node: str, command: list[str], image: str = BUSYBOX_IMAGE, **
                                      "command": command}]}}
 
 
+class LocalCluster:
+    """`memsnap cluster` on this machine's local nodes."""
+
+    name = "memsnap"
+    nodes = [f"node-{i}" for i in range(1, COUNT + 1)]
+
+    def __init__(self) -> None:
+        self.kubeconfig = str(state.ADMIN_KUBECONFIG)
+        self._was_up = False
+
+    def up(self) -> None:
+        if os.geteuid() != 0:
+            pytest.skip("the cluster needs root")
+        self._was_up = state.load() is not None
+        proc = run_cli("up", "--nodes", str(COUNT), timeout=3600)
+        assert proc.returncode == 0, f"memsnap cluster up failed:\n{proc.stderr}"
+
+    def load(self, archive: Path) -> None:
+        proc = run_cli("load", str(archive), timeout=300)
+        assert proc.returncode == 0, f"memsnap cluster load failed:\n{proc.stderr}"
+
+    def down(self) -> None:
+        if not self._was_up:
+            proc = run_cli("down", timeout=300)
+            assert proc.returncode == 0, proc.stderr
+
+    def pod_prefix(self, node: str) -> str:
+        return state.pod_subnet(self.nodes.index(node) + 1).rsplit(".", 2)[0] + "."
+
+
+class KindCluster:
+    """The same cluster on kind (kind-config.yaml, a node image from the Dockerfile beside it)."""
+
+    name = "memsnap"
+    nodes = ["memsnap-worker", "memsnap-worker2"]
+    image = "memsnap/kind-node:v1.20"
+
+    def __init__(self, workdir: Path) -> None:
+        self.kubeconfig = str(workdir / "kind.kubeconfig")
+
+    def up(self) -> None:
+        reason = kind_unavailable()
+        if reason:
+            pytest.skip(reason)
+        repo = KIND_DIR.parents[3]
+        if subprocess.run(["docker", "image", "inspect", self.image], capture_output=True).returncode:
+            _checked(["docker", "build", "-t", self.image, "-f", str(KIND_DIR / "Dockerfile"), str(repo)])
+        _checked(["kind", "create", "cluster", "--config", str(KIND_DIR / "kind-config.yaml"), "--image", self.image,
+                  "--kubeconfig", self.kubeconfig, "--wait", "300s"])
+
+    def load(self, archive: Path) -> None:
+        _checked(["kind", "load", "image-archive", str(archive), "--name", self.name])
+
+    def down(self) -> None:
+        _checked(["kind", "delete", "cluster", "--name", self.name, "--kubeconfig", self.kubeconfig])
+
+    def pod_prefix(self, node: str) -> str:
+        return "198.19."  # kind's controller manager hands out the per-node /24s in its own order
+
+
+KIND_DIR = Path(__file__).resolve().parent / "kind"
+BACKEND_ENV = "MEMSNAP_TEST_CLUSTER"  # "local" (default) or "kind"
+
+
+def kind_unavailable() -> str:
+    """Why kind cannot run here, or "" when it can."""
+    try:
+        proc = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
+                              timeout=30)
+    except FileNotFoundError:
+        return "no Docker engine: the docker command is not installed"
+    except subprocess.TimeoutExpired:
+        return "no Docker engine answers (docker info timed out)"
+    if proc.returncode:
+        lines = (proc.stderr or proc.stdout).strip().splitlines() or ["docker info failed"]
+        return f"no Docker engine answers: {lines[-1]}"
+    if not shutil.which("kind"):
+        return "kind is not installed (https://kind.sigs.k8s.io)"
+    return ""
+
+
+def _checked(argv: list[str]) -> None:
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"{' '.join(argv[:3])} failed:\n{proc.stderr[-2000:]}"
+
+
+def backend_is_local() -> bool:
+    return os.environ.get(BACKEND_ENV, "local") == "local"
+
+
+#: For tests of `memsnap cluster` itself (its CLI, status, faults): skipped on kind.
+local_only = pytest.mark.skipif(not backend_is_local(), reason="tests memsnap cluster itself, not kind")
+
+
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory) -> Iterator[state.State]:
-    """A Ready two-node cluster with the busybox test image loaded, for the whole session."""
-    if os.geteuid() != 0:
-        pytest.skip("the cluster needs root")
-    was_up = state.load() is not None
-    proc = run_cli("up", "--nodes", str(COUNT), timeout=3600)
-    assert proc.returncode == 0, f"memsnap cluster up failed:\n{proc.stderr}"
-    archive = busybox_archive(tmp_path_factory.mktemp("images") / "busybox.tar")
-    proc = run_cli("load", str(archive), timeout=300)
-    assert proc.returncode == 0, f"memsnap cluster load failed:\n{proc.stderr}"
-    yield state.load()
-    if not was_up:
-        proc = run_cli("down", timeout=300)
-        assert proc.returncode == 0, proc.stderr
+def cluster(tmp_path_factory) -> Iterator[LocalCluster | KindCluster]:
+    """A Ready two-worker cluster with the busybox test image loaded, for the whole session:
+    memsnap's own, or kind's when MEMSNAP_TEST_CLUSTER=kind (skipped without a Docker engine)."""
+    backend = os.environ.get(BACKEND_ENV, "local")
+    if backend not in ("local", "kind"):
+        raise pytest.UsageError(f"{BACKEND_ENV} must be local or kind, not {backend!r}")
+    c = LocalCluster() if backend == "local" else KindCluster(tmp_path_factory.mktemp("kind"))
+    c.up()
+    try:
+        c.load(busybox_archive(tmp_path_factory.mktemp("images") / "busybox.tar"))
+        yield c
+    finally:
+        c.down()
 
 
 @pytest.fixture(scope="session")
 def kubectl(cluster) -> Kubectl:
-    return Kubectl(str(kbuild.ensure().bin("kubectl")), str(state.ADMIN_KUBECONFIG))
+    """kubectl 1.20 from the build; on kind, the kubectl on PATH if there is one."""
+    on_path = shutil.which("kubectl") if isinstance(cluster, KindCluster) else None
+    return Kubectl(on_path or str(kbuild.ensure().bin("kubectl")), cluster.kubeconfig)
