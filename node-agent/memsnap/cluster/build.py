@@ -7,8 +7,8 @@ commands (they share the code-generation step), plus the static pause binary pac
 
 Layout under ``/var/cache/memsnap/kubernetes``::
 
-    root-<hash>/   the Debian 12 build root (Go and the tools; each build unpacks the source in it)
-    gocache/       Go's build cache (only speeds up a rebuild after an input change)
+    root-<hash>/   the Debian 12 build root (Go and the tools; each build unpacks the source in it
+                   and removes it again, ~3 GB while it builds)
     <hash>/        bin/{kube-apiserver,...,pause}, pause.tar, manifest.json, build.log
 
 ``<hash>`` covers the pinned versions, the scripts run in the root and the image writer; a build happens in
@@ -118,7 +118,7 @@ def _build(d: str, log: Log) -> Build:
                      f"apt-get source {SOURCE_PACKAGE}={SOURCE_VERSION}")
         log(f"memsnap: building {', '.join(COMMANDS)} {GIT_VERSION} (about 15 minutes cold), log: {logfile}")
         _run_in_root(root, ["bash", "-euo", "pipefail", "-c", _MAKE_SCRIPT], logfile, "make (kubernetes)",
-                     env=_go_env(), binds={CACHE_DIR / "gocache": "/build/gocache"})
+                     env=_go_env())
         out = root / SRC.lstrip("/") / "_output/local/bin/linux/amd64"
         for name in COMMANDS:
             shutil.copy2(out / name, work / "bin" / name)
@@ -127,6 +127,7 @@ def _build(d: str, log: Log) -> Build:
         shutil.copy2(root / "build/pause", work / "bin/pause")
         for path in ROOT_BINARIES:
             shutil.copy2(root / path.lstrip("/"), work / "bin" / Path(path).name)
+        shutil.rmtree(root / "build/gopath", ignore_errors=True)  # source and objects: fetched again next time
         oci.write_docker_archive(work / "pause.tar", PAUSE_IMAGE, {"pause": work / "bin/pause"},
                                  entrypoint=["/pause"], user="65535:65535")
         manifest = {"digest": d, "version": GIT_VERSION, "source": f"{SOURCE_PACKAGE} {SOURCE_VERSION}",
@@ -190,7 +191,7 @@ def _ensure_root(log: Log) -> Path:
     if proc.returncode:
         raise BuildError(f"debootstrap {SUITE} failed (exit {proc.returncode}), log: {logfile}")
     shutil.copyfile("/etc/resolv.conf", tmp / "etc/resolv.conf")
-    (tmp / "build/gocache").mkdir(parents=True, exist_ok=True)
+    (tmp / "build/gocache").mkdir(parents=True)
     (tmp / ".memsnap-ready").touch()
     os.rename(tmp, root)
     for old in CACHE_DIR.glob("root-*"):  # roots of other inputs: ~1 GB each
@@ -199,14 +200,10 @@ def _ensure_root(log: Log) -> Path:
     return root
 
 
-def _run_in_root(root: Path, argv: list[str], logfile: Path, what: str,
-                 env: dict[str, str] | None = None, binds: dict[Path, str] | None = None) -> None:
-    """Run argv chrooted in root with /proc, /dev and binds, in a private mount namespace."""
-    mounts = [f"mount -t proc proc {root}/proc", f"mount --rbind /dev {root}/dev"]
-    for src, dst in (binds or {}).items():
-        src.mkdir(parents=True, exist_ok=True)
-        mounts.append(f"mkdir -p {root}{dst} && mount --bind {src} {root}{dst}")
-    script = "mount --make-rprivate / && " + " && ".join(mounts) + ' && exec chroot "$0" "$@"'
+def _run_in_root(root: Path, argv: list[str], logfile: Path, what: str, env: dict[str, str] | None = None) -> None:
+    """Run argv chrooted in root with /proc and /dev, in a private mount namespace."""
+    script = (f"mount --make-rprivate / && mount -t proc proc {root}/proc && mount --rbind /dev {root}/dev"
+              ' && exec chroot "$0" "$@"')
     full_env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LC_ALL": "C",
                 "DEBIAN_FRONTEND": "noninteractive", **(env or {})}
     with open(logfile, "a") as out:
