@@ -16,7 +16,6 @@ Layout under ``/var/cache/memsnap/kubernetes``::
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from memsnap.cluster import oci
+from memsnap.filelock import locked
 
 Log = Callable[[str], None]
 
@@ -95,8 +95,7 @@ def ensure(log: Log | None = None) -> Build:
         return build
     log = log or _stderr
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(CACHE_DIR / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # one build at a time; a waiter then finds it cached
+    with locked(CACHE_DIR / ".lock"):  # one build at a time; a waiter then finds it cached
         return cached() or _build(digest(), log)
 
 
@@ -143,7 +142,16 @@ def _build(d: str, log: Log) -> Build:
         shutil.rmtree(work, ignore_errors=True)
         raise
     log(f"memsnap: kubernetes binaries {d} built in {manifest['build_seconds']} s")
+    _prune(keep=d)
     return Build(d, CACHE_DIR / d)
+
+
+def _prune(keep: str, spare: int = 1) -> None:
+    """Drop builds of other inputs but the `spare` newest (~400 MB each; checkouts on other commits)."""
+    others = [p for p in CACHE_DIR.iterdir() if p.is_dir() and (p / "manifest.json").is_file() and p.name != keep]
+    others.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in others[spare:]:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 # Unpacked and patched by apt-get source (dpkg-source -x); reflect2 1.0.1 crashes with Go >= 1.18

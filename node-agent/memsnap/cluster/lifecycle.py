@@ -6,17 +6,17 @@ are local nodes (memsnap.nodes): ``up`` restarts any that run already, so each w
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
+import sys
 import tarfile
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from memsnap import nodes
+from memsnap.filelock import locked
 from memsnap.cluster import api, controlplane, kubeconfig, state, worker
 from memsnap.cluster import build as kbuild
 from memsnap.nodes import net
@@ -52,21 +52,12 @@ class Status:
                 and all(v == "Ready" for v in self.nodes.values()))
 
 
-@contextmanager
-def _locked() -> Iterator[None]:
-    LOCK_FILE.parent.mkdir(parents=True, exist_ok=True)
-    with open(LOCK_FILE, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        yield
-
-
 def _require_root() -> None:
     if os.geteuid() != 0:
         raise ClusterError("the cluster needs root (local nodes, host processes, routes)")
 
 
 def _stderr(msg: str) -> None:
-    import sys
     print(msg, file=sys.stderr, flush=True)
 
 
@@ -78,7 +69,7 @@ def up(count: int = 2, bare: bool = True, log: Log | None = None) -> Status:
     if not 1 <= count <= limit:
         raise BadRequest(f"--nodes must be between 1 and {limit}, got {count}")
     _require_root()
-    with _locked():
+    with locked(LOCK_FILE):
         old = state.load()
         if old is not None:
             current = _status(old)
@@ -153,7 +144,7 @@ def _wait_service_account(timeout: float = 60.0) -> None:
 def down() -> bool:
     """Stop everything the cluster started and remove what it left; False if there was nothing."""
     _require_root()
-    with _locked():
+    with locked(LOCK_FILE):
         st = state.load()
         if st is None:
             found = state.DATA_DIR.exists()
