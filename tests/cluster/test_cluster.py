@@ -7,7 +7,7 @@ import json
 import pytest
 
 from memsnap.cluster import state
-from memsnap.cluster.testing import COUNT, local_only, pod, run_cli
+from memsnap.cluster.testing import COUNT, busybox_archive, local_only, pod, run_cli
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -95,3 +95,14 @@ def test_pods_on_different_nodes_reach_each_other(cluster, kubectl):
         assert fetched.strip() == "served-by-node-1"
     finally:
         kubectl("delete", "pod", "web", "client", "--wait=true")
+
+
+def test_an_oci_layout_loads_and_runs(cluster, kubectl, tmp_path):
+    cluster.load(busybox_archive(tmp_path / "oci.tar", "memsnap.local/busybox-oci:1", oci_layout=True))
+    kubectl.apply(pod("from-oci", cluster.nodes[0], ["sh", "-c", "echo layout-ok; exec sleep 100000"],
+                      image="memsnap.local/busybox-oci:1"))
+    try:
+        kubectl.pod_running("from-oci")
+        kubectl.wait_for(lambda: "layout-ok" in kubectl("logs", "from-oci").stdout, "the pod's output")
+    finally:
+        kubectl("delete", "pod", "from-oci", "--wait=true")

@@ -3,15 +3,16 @@
 Debian ships no kube-apiserver, kubelet or pause image, but Debian 12's source package holds the
 whole 1.20.2 tree with vendor/. We build it offline inside a Debian 12 root (debootstrap, so the
 host's distribution does not matter) with Debian 12's Go: one ``make WHAT="..."`` for all four
-commands (they share the code-generation step), plus the static pause binary packed as an image.
+commands (they share the code-generation step), plus the static pause binary (packed as an image
+at `up`, by oci.py).
 
 Layout under ``/var/cache/memsnap/kubernetes``::
 
     root-<hash>/   the Debian 12 build root (Go and the tools; each build unpacks the source in it
                    and removes it again, ~3 GB while it builds)
-    <hash>/        bin/{kube-apiserver,...,pause}, pause.tar, manifest.json, build.log
+    <hash>/        bin/{kube-apiserver,...,kubectl,etcd,pause}, manifest.json, build.log
 
-``<hash>`` covers the pinned versions, the scripts run in the root and the image writer; a build happens in
+``<hash>`` covers the pinned versions and the scripts run in the root; a build happens in
 ``.build-<hash>-<pid>`` and is renamed into place, so a published build is complete.
 """
 from __future__ import annotations
@@ -63,18 +64,18 @@ class Build:
     def bin(self, name: str) -> Path:
         return self.path / "bin" / name
 
-    @property
-    def pause_archive(self) -> Path:
-        return self.path / "pause.tar"
+    def write_pause_image(self, path: Path) -> Path:
+        """The pause binary as the image containerd's sandboxes run (a docker-archive at path)."""
+        oci.write_docker_archive(path, PAUSE_IMAGE, {"pause": self.bin("pause")},
+                                 entrypoint=["/pause"], user="65535:65535")
+        return path
 
 
 def digest() -> str:
-    """Hash of every build input: versions, packages, the scripts run in the root, the image writer."""
+    """Hash of every build input: versions, packages, the scripts run in the root."""
     spec = [BUILD_FORMAT, SUITE, SOURCE_PACKAGE, SOURCE_VERSION, GIT_VERSION, GIT_COMMIT, COMMANDS, ROOT_PACKAGES,
             ROOT_BINARIES, PAUSE_IMAGE, _FETCH_SCRIPT, _MAKE_SCRIPT, _PAUSE_FLAGS, sorted(_go_env().items())]
-    h = hashlib.sha256(json.dumps(spec).encode())
-    h.update(Path(oci.__file__).read_bytes())
-    return h.hexdigest()[:16]
+    return hashlib.sha256(json.dumps(spec).encode()).hexdigest()[:16]
 
 
 def _root_key() -> str:
@@ -127,8 +128,6 @@ def _build(d: str, log: Log) -> Build:
         for path in ROOT_BINARIES:
             shutil.copy2(root / path.lstrip("/"), work / "bin" / Path(path).name)
         shutil.rmtree(root / "build/gopath", ignore_errors=True)  # source and objects: fetched again next time
-        oci.write_docker_archive(work / "pause.tar", PAUSE_IMAGE, {"pause": work / "bin/pause"},
-                                 entrypoint=["/pause"], user="65535:65535")
         manifest = {"digest": d, "version": GIT_VERSION, "source": f"{SOURCE_PACKAGE} {SOURCE_VERSION}",
                     "commands": list(COMMANDS), "pause_image": PAUSE_IMAGE,
                     "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -2,8 +2,9 @@
 
 A docker-archive is what ``docker save`` writes and what ``ctr images import`` reads: a tar with
 ``manifest.json`` (Config, RepoTags, Layers), the image config named by its sha256, and one
-directory per layer holding ``layer.tar``. Everything is written with fixed owners and times, so
-the same inputs give the same image id.
+directory per layer holding ``layer.tar``. An OCI layout tar has ``oci-layout``, ``index.json``
+(naming the image for containerd) and ``blobs/sha256/``. Everything is written with fixed owners
+and times, so the same inputs give the same image id.
 """
 from __future__ import annotations
 
@@ -55,14 +56,12 @@ def _add_parents(tar: tarfile.TarFile, name: str, made: set[str]) -> None:
             made.add(d)
 
 
-def write_docker_archive(path: Path, tag: str, entries: dict[str, Entry], *, entrypoint: list[str] | None = None,
-                         cmd: list[str] | None = None, user: str | None = None,
-                         env: list[str] | None = None) -> str:
-    """Write a one-layer image tagged ``tag`` to ``path``; returns its image id (sha256 of the config)."""
+def _image(tag: str, entries: dict[str, Entry], entrypoint: list[str] | None, cmd: list[str] | None,
+           user: str | None, env: list[str] | None) -> tuple[bytes, bytes]:
+    """The layer tar and the image config (JSON) of a one-layer image."""
     if ":" not in tag.rsplit("/", 1)[-1]:
         raise ValueError(f"image tag {tag!r} has no version (e.g. {tag}:1)")
     layer = _layer(entries)
-    diff_id = hashlib.sha256(layer).hexdigest()
     config: dict = {"Env": env or [DEFAULT_PATH]}
     if entrypoint:
         config["Entrypoint"] = entrypoint
@@ -72,20 +71,54 @@ def write_docker_archive(path: Path, tag: str, entries: dict[str, Entry], *, ent
         config["User"] = user
     image_config = json.dumps({
         "architecture": "amd64", "os": "linux", "created": CREATED, "config": config,
-        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff_id}"]},
+        "rootfs": {"type": "layers", "diff_ids": [f"sha256:{_sha(layer)}"]},
         "history": [{"created": CREATED, "created_by": "memsnap"}],
     }, sort_keys=True).encode()
-    image_id = hashlib.sha256(image_config).hexdigest()
-    manifest = json.dumps([{"Config": f"{image_id}.json", "RepoTags": [tag],
-                            "Layers": [f"{diff_id}/layer.tar"]}]).encode()
+    return layer, image_config
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_tar(path: Path, files: dict[str, bytes]) -> None:
     with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in (("manifest.json", manifest), (f"{image_id}.json", image_config),
-                           (f"{diff_id}/layer.tar", layer)):
-            if "/" in name:
-                d = tarfile.TarInfo(name.split("/")[0])
-                d.type, d.mode, d.mtime = tarfile.DIRTYPE, 0o755, EPOCH
-                tar.addfile(d)
+        made: set[str] = set()
+        for name, data in files.items():
+            _add_parents(tar, name, made)
             info = tarfile.TarInfo(name)
             info.size, info.mode, info.mtime = len(data), 0o644, EPOCH
             tar.addfile(info, io.BytesIO(data))
+
+
+def write_docker_archive(path: Path, tag: str, entries: dict[str, Entry], *, entrypoint: list[str] | None = None,
+                         cmd: list[str] | None = None, user: str | None = None,
+                         env: list[str] | None = None) -> str:
+    """Write a one-layer image tagged ``tag`` as a docker-archive; returns its image id (sha256 of the config)."""
+    layer, image_config = _image(tag, entries, entrypoint, cmd, user, env)
+    image_id = _sha(image_config)
+    manifest = json.dumps([{"Config": f"{image_id}.json", "RepoTags": [tag],
+                            "Layers": [f"{_sha(layer)}/layer.tar"]}]).encode()
+    _write_tar(path, {"manifest.json": manifest, f"{image_id}.json": image_config,
+                      f"{_sha(layer)}/layer.tar": layer})
     return image_id
+
+
+def write_oci_layout(path: Path, tag: str, entries: dict[str, Entry], *, entrypoint: list[str] | None = None,
+                     cmd: list[str] | None = None, user: str | None = None, env: list[str] | None = None) -> str:
+    """The same image as an OCI image layout in a tar (index.json names it for containerd); returns its id."""
+    layer, image_config = _image(tag, entries, entrypoint, cmd, user, env)
+    manifest = json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": f"sha256:{_sha(image_config)}",
+                   "size": len(image_config)},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": f"sha256:{_sha(layer)}",
+                    "size": len(layer)}],
+    }, sort_keys=True).encode()
+    index = json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": f"sha256:{_sha(manifest)}",
+        "size": len(manifest), "annotations": {"io.containerd.image.name": tag,
+                                               "org.opencontainers.image.ref.name": tag.rsplit(":", 1)[1]}}]}).encode()
+    blobs = {f"blobs/sha256/{_sha(b)}": b for b in (layer, image_config, manifest)}
+    _write_tar(path, {"oci-layout": b'{"imageLayoutVersion":"1.0.0"}', "index.json": index, **blobs})
+    return _sha(image_config)

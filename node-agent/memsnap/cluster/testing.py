@@ -38,13 +38,14 @@ def run_cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "memsnap.commands.cluster", *args], **kwargs)
 
 
-def busybox_archive(path: Path) -> Path:
-    """A docker-archive of Debian's static busybox (from the node image), tagged BUSYBOX_IMAGE."""
+def busybox_archive(path: Path, tag: str = BUSYBOX_IMAGE, oci_layout: bool = False) -> Path:
+    """Debian's static busybox (from the node image) as a docker-archive, or an OCI layout tar."""
     root = node_image.ensure().root
     busybox = next(p for p in (root / "usr/bin/busybox", root / "bin/busybox") if p.is_file())
     entries: dict[str, oci.Entry] = {"bin/busybox": busybox, "tmp": ("dir", 0o1777)}
     entries.update({f"bin/{a}": ("symlink", "busybox") for a in BUSYBOX_APPLETS})
-    oci.write_docker_archive(path, BUSYBOX_IMAGE, entries, cmd=["/bin/sh"], env=["PATH=/bin"])
+    write = oci.write_oci_layout if oci_layout else oci.write_docker_archive
+    write(path, tag, entries, cmd=["/bin/sh"], env=["PATH=/bin"])
     return path
 
 

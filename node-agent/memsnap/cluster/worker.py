@@ -138,7 +138,7 @@ def setup(w: Worker, b: kbuild.Build, token: str) -> None:
     nodes.copy_in(kcfg, w.name, f"{CONF_DIR}/kubelet.kubeconfig")
     _start_daemon(w.name, "containerd", ["containerd", "--config", f"{CONF_DIR}/containerd.toml"])
     _wait_socket(w)
-    import_image(w.name, b.pause_archive)
+    import_image(w.name, b.write_pause_image(state.DATA_DIR / "pause.tar"))
     _start_daemon(w.name, "kubelet", [
         KUBELET, "--container-runtime=remote", f"--container-runtime-endpoint=unix://{CONTAINERD_SOCK}",
         f"--hostname-override={w.name}", f"--node-ip={w.address}", f"--config={CONF_DIR}/kubelet.yaml",
