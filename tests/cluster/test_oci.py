@@ -52,3 +52,21 @@ def test_the_same_inputs_give_the_same_image(tmp_path):
 def test_a_tag_without_a_version_is_refused(tmp_path):
     with pytest.raises(ValueError, match="has no version"):
         oci.write_docker_archive(tmp_path / "x.tar", "memsnap.local/none", {})
+
+
+def test_an_oci_layout_names_the_image_and_holds_every_blob(tmp_path):
+    f = tmp_path / "f"
+    f.write_text("x")
+    image_id = oci.write_oci_layout(tmp_path / "layout.tar", "memsnap.local/layout:2", {"f": f})
+    files = members(tmp_path / "layout.tar")
+    index = json.loads(files["index.json"])
+    (desc,) = index["manifests"]
+    assert desc["annotations"]["io.containerd.image.name"] == "memsnap.local/layout:2"
+    manifest_bytes = files[f"blobs/sha256/{desc['digest'].split(':')[1]}"]
+    assert hashlib.sha256(manifest_bytes).hexdigest() == desc["digest"].split(":")[1]
+    manifest = json.loads(manifest_bytes)
+    assert manifest["config"]["digest"] == f"sha256:{image_id}"
+    for blob in [manifest["config"], *manifest["layers"]]:
+        data = files[f"blobs/sha256/{blob['digest'].split(':')[1]}"]
+        assert len(data) == blob["size"] and hashlib.sha256(data).hexdigest() == blob["digest"].split(":")[1]
+    assert json.loads(files["oci-layout"]) == {"imageLayoutVersion": "1.0.0"}
