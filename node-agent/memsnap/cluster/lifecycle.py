@@ -184,22 +184,26 @@ def _status(st: state.State) -> Status:
 
 
 def _node_status(name: str, conditions: dict[str, dict] | None) -> str:
+    """"Ready", or what is wrong with the node, naming the log to read."""
     try:
         nodes.get(name)
     except nodes.NodeNotRunning:
-        return "node not running (its init is gone)"
+        return "node not running (its init is gone); `memsnap cluster down` then `up`"
     running = worker.daemons(name)
     why = [f"{c} not running, log: {state.node_log(name, c)}" for c in ("containerd", "kubelet") if c not in running]
+    ready = (conditions or {}).get(name)
     if conditions is None:
-        return "; ".join(why + ["API server unavailable"])
-    ready = conditions.get(name)
-    if ready is None:
-        return "; ".join(why + ["not registered with the API server yet"])
-    if ready.get("status") == "True" and not why:
+        why.append("API server unavailable")
+    elif ready is None:
+        why.append("not registered with the API server yet")
+    elif ready.get("status") == "True" and not why:
         return "Ready"
-    api_says = f"API: Ready={ready.get('status')} ({ready.get('reason', '')}: {ready.get('message', '')})"
-    state_word = "Ready" if ready.get("status") == "True" else "NotReady"
-    return "; ".join([state_word] + why + [api_says])
+    else:
+        why = ["Ready" if ready.get("status") == "True" else "NotReady", *why,
+               f"API: Ready={ready.get('status')} ({ready.get('reason', '')}: {ready.get('message', '')})"]
+    if "kubelet" in running:  # running but not Ready: its log says why
+        why.append(f"kubelet log: {state.node_log(name, 'kubelet')}")
+    return "; ".join(why)
 
 
 # ---- load --------------------------------------------------------------------------------
