@@ -64,41 +64,50 @@ def _stderr(msg: str) -> None:
 # ---- up ----------------------------------------------------------------------------------
 
 def up(count: int = 2, bare: bool = True, log: Log | None = None) -> Status:
+    """Start a cluster of `count` workers; AlreadyUp if a healthy one runs (a broken one is cleared)."""
     log = log or _stderr
     limit = min(state.MAX_NODES, net.MAX_NODES)
     if not 1 <= count <= limit:
         raise BadRequest(f"--nodes must be between 1 and {limit}, got {count}")
     _require_root()
     with locked(LOCK_FILE):
-        old = state.load()
-        if old is not None:
-            current = _status(old)
-            if current.healthy:
-                raise AlreadyUp(f"the cluster is already up with {len(old.nodes)} Ready nodes "
-                                f"({', '.join(old.nodes)}); `memsnap cluster down` first to start another")
-            log("memsnap: clearing the remains of a previous cluster")
-            _teardown(old)
-        elif state.DATA_DIR.exists():
-            shutil.rmtree(state.DATA_DIR)
+        _clear_previous(log)
         started = time.monotonic()
-        b = kbuild.ensure(log)
-        names = [nodes_runtime.node_name(i) for i in range(1, count + 1)]
-        st = state.State(nodes=names, bare=bare)
-        state.save(st)  # from here on, down finds whatever is started
-        tokens = kubeconfig.make_credentials(names)
-        workers = _start_nodes(names, log)  # first: the API server listens on their bridge
-        log("memsnap: starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler")
-        controlplane.start(b, st, tokens, record=lambda: state.save(st))
-        kubeconfig.write(state.ADMIN_KUBECONFIG, kubeconfig.ADMIN[0], tokens[kubeconfig.ADMIN[0]])
-        for w in workers:
-            log(f"memsnap: starting containerd and kubelet on {w.name}")
-            worker.setup(w, b, tokens[kubeconfig.kubelet_identity(w.name)[0]])
-        worker.route(workers)
-        _wait_ready(st)
-        _wait_service_account()
+        st = _start(count, bare, log)
         log(f"memsnap: cluster up with {count} Ready nodes in {time.monotonic() - started:.1f} s; "
             f"kubeconfig: {state.ADMIN_KUBECONFIG}")
         return _status(st)
+
+
+def _clear_previous(log: Log) -> None:
+    old = state.load()
+    if old is None:
+        shutil.rmtree(state.DATA_DIR, ignore_errors=True)
+        return
+    if _status(old).healthy:
+        raise AlreadyUp(f"the cluster is already up with {len(old.nodes)} Ready nodes "
+                        f"({', '.join(old.nodes)}); `memsnap cluster down` first to start another")
+    log("memsnap: clearing the remains of a previous cluster")
+    _teardown(old)
+
+
+def _start(count: int, bare: bool, log: Log) -> state.State:
+    b = kbuild.ensure(log)
+    names = [nodes_runtime.node_name(i) for i in range(1, count + 1)]
+    st = state.State(nodes=names, bare=bare)
+    state.save(st)  # from here on, down finds whatever is started
+    tokens = kubeconfig.make_credentials(names)
+    workers = _start_nodes(names, log)  # first: the API server listens on their bridge
+    log("memsnap: starting etcd, kube-apiserver, kube-controller-manager, kube-scheduler")
+    controlplane.start(b, st, tokens, record=lambda: state.save(st))
+    kubeconfig.write(state.ADMIN_KUBECONFIG, kubeconfig.ADMIN[0], tokens[kubeconfig.ADMIN[0]])
+    for w in workers:
+        log(f"memsnap: starting containerd and kubelet on {w.name}")
+        worker.setup(w, b, tokens[kubeconfig.kubelet_identity(w.name)[0]])
+    worker.route(workers)
+    _wait_ready(st)
+    _wait_service_account()
+    return st
 
 
 def _start_nodes(names: list[str], log: Log) -> list[worker.Worker]:
