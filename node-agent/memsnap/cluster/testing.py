@@ -119,7 +119,7 @@ class LocalCluster:
         assert proc.returncode == 0, f"memsnap cluster load failed:\n{proc.stderr}"
 
     def down(self) -> None:
-        if not self._was_up:
+        if os.geteuid() == 0 and not self._was_up:
             proc = run_cli("down", timeout=300)
             assert proc.returncode == 0, proc.stderr
 
@@ -151,7 +151,8 @@ class KindCluster:
         _checked(["kind", "load", "image-archive", str(archive), "--name", self.name])
 
     def down(self) -> None:
-        _checked(["kind", "delete", "cluster", "--name", self.name, "--kubeconfig", self.kubeconfig])
+        if not kind_unavailable():
+            _checked(["kind", "delete", "cluster", "--name", self.name, "--kubeconfig", self.kubeconfig])
 
     def pod_prefix(self, node: str) -> str:
         return "198.19."  # kind's controller manager hands out the per-node /24s in its own order
@@ -199,11 +200,11 @@ def cluster(tmp_path_factory) -> Iterator[LocalCluster | KindCluster]:
     if backend not in ("local", "kind"):
         raise pytest.UsageError(f"{BACKEND_ENV} must be local or kind, not {backend!r}")
     c = LocalCluster() if backend == "local" else KindCluster(tmp_path_factory.mktemp("kind"))
-    c.up()
     try:
+        c.up()
         c.load(busybox_archive(tmp_path_factory.mktemp("images") / "busybox.tar"))
         yield c
-    finally:
+    finally:  # also after a failed up: it leaves its remains in place to read
         c.down()
 
 
