@@ -15,7 +15,9 @@ from pathlib import Path
 
 from memsnap import cgroupfs
 
-V1_CONTROLLERS = ("freezer", "memory", "pids", "cpu")
+# freezer, memory, pids: freezing and accounting a node. The rest: a kubelet in the node
+# (`memsnap cluster`) insists on cpu, cpuacct, cpuset and name=systemd too, and runc uses devices.
+V1_CONTROLLERS = ("freezer", "memory", "pids", "cpu", "cpuacct", "cpuset", "devices", "name=systemd")
 
 
 def hierarchies() -> dict[str, Path]:
@@ -28,9 +30,19 @@ def paths(name: str) -> dict[str, Path]:
 
 def create(name: str) -> dict[str, Path]:
     made = paths(name)
-    for path in made.values():
+    for kind, path in made.items():
+        if kind == "cpuset":  # a new cpuset starts empty and takes no task: inherit the parent's
+            _mkdir_cpuset(path)
         path.mkdir(parents=True, exist_ok=True)
     return made
+
+
+def _mkdir_cpuset(path: Path) -> None:
+    for d in (path.parent, path):
+        d.mkdir(exist_ok=True)
+        for knob in ("cpuset.cpus", "cpuset.mems"):
+            if not (d / knob).read_text().strip():
+                (d / knob).write_text((d.parent / knob).read_text())
 
 
 def join(name: str, pid: int = 0) -> None:
