@@ -61,7 +61,8 @@ def test_down_removes_everything_and_twice_is_fine(cluster):
     started += [(pid, procfs.read_stat(pid).starttime) for n in st.nodes for pid in worker.daemons(n).values()]
     started += [(n.pid, n.starttime) for n in nodes.list_nodes() if n.name in st.nodes]
     found = {n: worker.daemons(n) for n in st.nodes}
-    assert len(started) == 4 + 3 * COUNT, f"not all running: {found}\n{run_cli('status').stdout}"
+    logs = "\n".join(state.log_tail(state.node_log(n, c), 3) for n in st.nodes for c in ("containerd", "kubelet"))
+    assert len(started) == 4 + 3 * COUNT, f"not all running: {found}\n{run_cli('status').stdout}\n{logs}"
     proc = run_cli("down", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert not any(procfs.alive(pid, t) for pid, t in started)
