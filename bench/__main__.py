@@ -13,7 +13,7 @@ from . import accuracy, scan_cost, slowdown
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument("--max-mib", type=int, default=4096, help="largest region for the scan-cost benchmark")
-    p.add_argument("--only", choices=["scan", "slowdown", "accuracy", "checkpoint", "backends"])
+    p.add_argument("--only", choices=["scan", "slowdown", "accuracy", "checkpoint", "backends", "freeze", "migration"])
     args = p.parse_args()
     backends = ", ".join(name for name, a in explain().items() if a.ok)
     print(f"# memsnap benchmarks, {time.strftime('%Y-%m-%d')}, Linux {platform.release()}, "
@@ -35,6 +35,16 @@ def main() -> None:
         from . import checkpoint_cost  # needs local nodes (CRIU)
         print("## 4. incremental layers vs full CRIU dumps, 1 GiB workload, in a local node\n")
         print(checkpoint_cost.run(), "\n")
+    if args.only in (None, "freeze"):
+        from . import final_freeze  # needs local nodes (memsnap's CRIU)
+        print("## 6. final checkpoint freeze by memory size, 1 %/s dirtied, in a local node\n")
+        print(final_freeze.run(), "\n")
+        print("the same, every size dirtying 10 MiB/s\n")
+        print(final_freeze.run(fixed_rate=True), "\n")
+    if args.only in (None, "migration"):
+        from . import migration  # needs local nodes (CRIU, agents)
+        print("## 7. live migration between two local nodes\n")
+        print(migration.run(), "\n")
 
 
 if __name__ == "__main__":

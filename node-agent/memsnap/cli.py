@@ -17,8 +17,11 @@ COMMANDS = [
     "memsnap.commands.backends",
     "memsnap.commands.checkpoint",
     "memsnap.commands.nodes",
+    "memsnap.commands.containers",
+    "memsnap.commands.migrate",
     "memsnap.commands.cluster",
     "memsnap.commands.agent",
+    "memsnap.commands.pki",
     "memsnap.commands.demo",
 ]
 

@@ -139,6 +139,18 @@ def fds_pointing_to(pid: int, target: str) -> list[int]:
     return sorted(int(n) for n in names if fd_target(pid, int(n)) == target)
 
 
+def ns_pids(pid: int) -> list[int]:
+    """pid in each PID namespace it belongs to, outermost (ours) first (the NSpid line)."""
+    return [int(x) for x in read_status(pid).get("NSpid", str(pid)).split()]
+
+
+def image_ids(root: int, pids: list[int]) -> dict[int, int]:
+    """The ids CRIU gives the tasks of root's tree in its images: their pids in the PID
+    namespace of root (1 for root itself when it is that namespace's init)."""
+    level = len(ns_pids(root)) - 1
+    return {pid: ns_pids(pid)[level] for pid in pids}
+
+
 def alive(pid: int, starttime: int | None = None) -> bool:
     """Whether pid runs (and is still the same process, when starttime is given)."""
     try:

@@ -129,17 +129,22 @@ def free_port() -> int:
 
 class Agent:
     def __init__(self, *args: str, interval: float = 1.0, port: int | None = None, log: Path,
-                 kubeconfig: str = "none"):
+                 kubeconfig: str = "none", tls: bool = False, command: list[str] = AGENT):
+        """tls: args hold --tls-*; the open routes (url) are then on a plain port of their own."""
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.plain_port = free_port() if tls else self.port
+        self.url = f"http://127.0.0.1:{self.plain_port}"
         self.log = log
+        self.command = command
         self.args = ["--listen", f"127.0.0.1:{self.port}", "--interval", str(interval),
                      "--kubeconfig", kubeconfig, *args]
+        if tls:
+            self.args += ["--metrics-listen", f"127.0.0.1:{self.plain_port}"]
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> Agent:
         self.logfile = open(self.log, "a")
-        self.proc = subprocess.Popen([*AGENT, *self.args], stdout=self.logfile, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([*self.command, *self.args], stdout=self.logfile, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, f"agent exited: {self.log.read_text()}"

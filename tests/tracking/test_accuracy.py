@@ -1,6 +1,8 @@
 """Tracked pages are exactly the pages a real process wrote, for every backend this kernel has."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from memsnap.tracking import TrackingError, open_session
@@ -150,3 +152,42 @@ def test_lost_events_over_report_never_under_report(workload, monkeypatch):
         assert w.pages(0, 4000) <= w.in_region(sample.dirty.addresses())  # the whole marked memory
         w.send("write 10 5")
         assert dirty_in_region(session, w) == w.pages(10, 5)  # exact again once nothing is lost
+
+
+def _round_dirty(session, w) -> tuple[set[int], bool]:
+    r = session.round()
+    mine = [s for s in r.samples if s.pid == w.pid]
+    return w.in_region(a for s in mine for a in s.dirty.addresses()), any(s.lost for s in mine)
+
+
+def test_bursts_across_round_boundaries_are_never_lost(workload, backend):
+    """Dense bursts of writes, each started at a swept delay after a round began (from at once,
+    so it runs across the whole round, to after the round ended), then one more round: every
+    written page is in one of the two, and, unless a round says it lost events, nothing else is.
+    The first sweep writes pages for the first time, the second writes them again (protected
+    again, TLBs flushed). Issue 13: the tracepoint backend lost writes made while it re-armed."""
+    burst, steps, sweeps = 512, 24, 2
+    w = workload(mib=(steps + 1) * burst * 4 // 1024 + 1)
+    with open_session(w.pid, backend) as session:
+        session.start()
+        began = time.monotonic()
+        w.send(f"write 0 {burst}")
+        mid = time.monotonic()
+        _round_dirty(session, w)
+        span = time.monotonic() - began  # a burst and a round, as they run here
+        failures = []
+        for i in range(steps * sweeps):
+            first = burst * (i % steps + 1)
+            # Denser at first: a round re-arms early, then reads and counts.
+            w.start(f"sleep {span * ((i % steps) / (steps - 1)) ** 2:.4f}")  # the workload waits,
+            w.start(f"write {first} {burst}")  # then writes, while this round runs or after it
+            during, lost_during = _round_dirty(session, w)
+            assert w.finish().startswith("ok") and w.finish() == "ok"
+            after, lost_after = _round_dirty(session, w)
+            written, seen = w.pages(first, burst), during | after
+            if not written <= seen or (seen != written and not (lost_during or lost_after)):
+                failures.append(f"burst {i}: {len(written - seen)} written pages missing, "
+                                f"{len(seen - written)} extra ({len(during & written)} + "
+                                f"{len(after & written)} reported)")
+        assert not failures, (f"bursts of {(mid - began) * 1000:.1f} ms, rounds of "
+                              f"{(span - mid + began) * 1000:.1f} ms: " + "; ".join(failures))

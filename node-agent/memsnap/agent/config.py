@@ -6,8 +6,11 @@ import argparse
 import os
 import re
 import socket
+import ssl
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from .. import pki
 from ..errors import UsageError
 from ..tracking import VmaSelection
 from ..tracking.registry import NAMES
@@ -43,6 +46,8 @@ class Config:
     cpu_limit: float = 0.25  # of one core
     bandwidth: float = 1.25e9  # bytes/s a migration could use (the convergence alert's yardstick)
     token: str = ""
+    tls: pki.TlsFiles | None = None  # mutual TLS on --listen when set
+    metrics_listen: tuple[str, int] | None = None  # plain /metrics, /healthz, /readyz (with TLS)
     node_name: str = ""
     kubeconfig: str = ""  # "" : in-cluster config, then ~/.kube/config; "none": no API
     proc: str = "/proc"
@@ -74,6 +79,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="migration bandwidth for the convergence alert (default 1.25G = 10 Gbit/s)")
     p.add_argument("--token-file", default=env("TOKEN_FILE", ""), metavar="PATH",
                    help="bearer token protecting /api/v1 (or set MEMSNAP_AGENT_TOKEN)")
+    p.add_argument("--tls-cert", default=env("TLS_CERT", ""), metavar="PATH",
+                   help="this node's certificate: serve HTTPS with mutual TLS (with --tls-key, --tls-ca)")
+    p.add_argument("--tls-key", default=env("TLS_KEY", ""), metavar="PATH", help="its private key")
+    p.add_argument("--tls-ca", default=env("TLS_CA", ""), metavar="PATH",
+                   help="the CA certificate that client certificates must be signed by")
+    p.add_argument("--metrics-listen", default=env("METRICS_LISTEN", ""), metavar="HOST:PORT|none",
+                   help="with TLS: plain HTTP for /metrics, /healthz, /readyz only "
+                        "(default: the --listen host, port + 1)")
     p.add_argument("--node-name", default=os.environ.get("NODE_NAME") or env("NODE_NAME", socket.gethostname()),
                    help="this node's name in the Kubernetes API (default $NODE_NAME, else the hostname)")
     p.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG") or env("KUBECONFIG", ""),
@@ -99,8 +112,9 @@ def from_args(args: argparse.Namespace) -> Config:
         max_tracked_bytes=int(parse_size(args.max_tracked_bytes, "--max-tracked-bytes")),
         cpu_limit=_positive("--cpu-limit", args.cpu_limit),
         bandwidth=parse_size(args.bandwidth, "--bandwidth"),
-        token=_token(args.token_file),
+        token=_token(args.token_file), tls=_tls(args),
         node_name=args.node_name, kubeconfig=args.kubeconfig, log_format=args.log_format)
+    cfg.metrics_listen = _metrics_listen(args.metrics_listen, cfg)
     if cfg.selection.label_selector:
         from .pods import parse_selector
         try:
@@ -110,10 +124,10 @@ def from_args(args: argparse.Namespace) -> Config:
     return cfg
 
 
-def parse_listen(text: str) -> tuple[str, int]:
+def parse_listen(text: str, flag: str = "--listen") -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
-        raise UsageError(f"--listen wants HOST:PORT, not {text!r}")
+        raise UsageError(f"{flag} wants HOST:PORT, not {text!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
@@ -146,6 +160,31 @@ def _token(path: str) -> str:
             raise UsageError(f"--token-file {path} is empty")
         return token
     return os.environ.get(ENV_PREFIX + "TOKEN", "").strip()
+
+
+def _tls(args: argparse.Namespace) -> pki.TlsFiles | None:
+    given = {"--tls-cert": args.tls_cert, "--tls-key": args.tls_key, "--tls-ca": args.tls_ca}
+    if not any(given.values()):
+        return None
+    missing = [flag for flag, value in given.items() if not value]
+    if missing:
+        raise UsageError(f"TLS needs --tls-cert, --tls-key and --tls-ca; missing {', '.join(missing)}")
+    files = pki.TlsFiles(Path(args.tls_cert), Path(args.tls_key), Path(args.tls_ca))
+    try:
+        pki.server_context(files, require_client_cert=False)  # fail here, not at the first client
+    except (pki.PkiError, ssl.SSLError) as exc:
+        raise UsageError(str(exc)) from None
+    return files
+
+
+def _metrics_listen(text: str, cfg: Config) -> tuple[str, int] | None:
+    if text == "none" or (not text and cfg.tls is None):
+        return None  # without TLS the open routes are on --listen already
+    if not text:
+        return cfg.listen_host, (cfg.listen_port + 1) % 65536 if cfg.listen_port else 0
+    if cfg.tls is None:
+        raise UsageError("--metrics-listen is for TLS agents (without TLS, /metrics is on --listen)")
+    return parse_listen(text, "--metrics-listen")
 
 
 def _env(name: str, default: str) -> str:

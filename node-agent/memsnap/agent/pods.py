@@ -100,18 +100,18 @@ class PodDirectory:
 
 def _connect(kubeconfig: str):
     """A CoreV1Api, or None when no cluster configuration exists (UIDs only)."""
-    if kubeconfig == "none":
-        return None
+    in_cluster = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    home_config = os.path.exists(os.path.expanduser("~/.kube/config"))
+    if kubeconfig == "none" or not (kubeconfig or in_cluster or home_config):
+        return None  # no configuration: no need for the kubernetes package either (local nodes)
     from kubernetes import client, config
     try:
         if kubeconfig:
             config.load_kube_config(config_file=kubeconfig)
-        elif os.environ.get("KUBERNETES_SERVICE_HOST"):
+        elif in_cluster:
             config.load_incluster_config()
-        elif os.path.exists(os.path.expanduser("~/.kube/config")):
-            config.load_kube_config()
         else:
-            return None
+            config.load_kube_config()
     except Exception as exc:
         log.warning("no Kubernetes API: pods are known by UID only", extra={"error": str(exc)})
         return None

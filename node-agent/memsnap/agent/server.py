@@ -1,15 +1,17 @@
 """The agent's HTTP side (aiohttp) and its periodic loop.
 
-/metrics, /healthz and /readyz are open; /api/v1/* takes `Authorization: Bearer <token>`
-when a token is configured. Every tracking call runs in one dedicated worker thread, so
-rounds never overlap and the event loop always answers (health probes stay fast).
+/metrics, /healthz and /readyz are open; the /api/v1 reads want a client certificate or the
+bearer token, calls that move memory want mutual TLS (auth.py says who may call what; more
+routes: ``add_routes(app, [web.post(...)], kind=MEMORY)``). With TLS the open routes are also
+served plain on a second port (serve_open_routes). Every tracking call runs in one dedicated
+worker thread, so rounds never overlap and the event loop always answers (health probes stay fast).
 """
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import hmac
 import logging
+import socket
 import threading
 import time
 from dataclasses import asdict, dataclass
@@ -18,6 +20,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .. import __version__
+from .auth import MEMORY, OPEN, READ, Policy, add_routes, setup
+from ..migration import api as migration_api
 from .config import Config
 from .metrics import make_registry
 from .pods import PodDirectory
@@ -41,8 +45,12 @@ STATE = web.AppKey("state", AgentState)
 REGISTRY = web.AppKey("registry", object)
 
 
+__all__ = ["MEMORY", "OPEN", "READ", "add_routes", "make_app", "serve_open_routes"]
+
+
 def make_app(cfg: Config) -> web.Application:
-    app = web.Application(middlewares=[_auth(cfg.token)])
+    app = web.Application()
+    setup(app, Policy(token=cfg.token, tls=cfg.tls is not None))
     directory = PodDirectory(cfg.kubeconfig, cfg.node_name)
     pool = TrackerPool(cfg, directory)
     if cfg.selection.needs_metadata and not directory.available:
@@ -51,15 +59,34 @@ def make_app(cfg: Config) -> web.Application:
     app[CFG], app[POOL] = cfg, pool
     app[STATE] = AgentState(directory, concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="memsnap-track"))
     app[REGISTRY] = make_registry(lambda: pool.snapshot, cfg, __version__)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/api/v1/pods", api_pods)
-    app.router.add_get("/api/v1/pods/{uid}", api_pod)
-    app.router.add_get("/api/v1/pods/{namespace}/{name}", api_pod)
-    app.router.add_get("/api/v1/status", api_status)
+    add_routes(app, _open_routes(), kind=OPEN)
+    add_routes(app, [web.get("/api/v1/pods", api_pods),
+                     web.get("/api/v1/pods/{uid}", api_pod),
+                     web.get("/api/v1/pods/{namespace}/{name}", api_pod),
+                     web.get("/api/v1/status", api_status)], kind=READ)
+    if cfg.tls is not None:  # moving memory needs mutual TLS: no migrations without it
+        migration_api.setup(app, cfg.tls)
     app.cleanup_ctx.append(_background)
     return app
+
+
+def serve_open_routes(app: web.Application, sock: socket.socket) -> None:
+    """Serve only the open routes, plain HTTP, on sock while app runs (Prometheus, probes)."""
+    async def plain_site(app: web.Application):
+        plain = web.Application()
+        for key in (CFG, STATE, REGISTRY):
+            plain[key] = app[key]
+        plain.router.add_routes(_open_routes())
+        runner = web.AppRunner(plain, access_log=None)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+        yield
+        await runner.cleanup()
+    app.cleanup_ctx.append(plain_site)
+
+
+def _open_routes() -> list[web.RouteDef]:
+    return [web.get("/metrics", metrics), web.get("/healthz", healthz), web.get("/readyz", readyz)]
 
 
 # Background: a cycle every interval; on shutdown, stop every session
@@ -134,19 +161,7 @@ async def readyz(request: web.Request) -> web.Response:
     return web.json_response({"ready": True})
 
 
-# The JSON API (bearer token when configured)
-
-
-def _auth(token: str):
-    @web.middleware
-    async def middleware(request: web.Request, handler):
-        if token and request.path.startswith("/api/"):
-            given = request.headers.get("Authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                return web.json_response({"error": "unauthorized"}, status=401,
-                                         headers={"WWW-Authenticate": 'Bearer realm="memsnap"'})
-        return await handler(request)
-    return middleware
+# The JSON API (READ routes)
 
 
 def pods_json(snap: Snapshot) -> list[dict]:

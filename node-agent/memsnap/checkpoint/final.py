@@ -1,14 +1,20 @@
-"""The final layer: freeze, take the last dirty set, let CRIU dump, keep only what changed.
+"""The final layer: freeze, let CRIU dump, keep only what changed.
 
-CRIU dumps every page; memsnap turns that into a delta against the chain: a page the chain
-already holds and that was not written since the last layer becomes in-parent. The workload
-stands still from the freeze to the end of the dump; if anything fails it is thawed and runs on.
+With memsnap's CRIU (`--track-mem-uffd`, node-agent/criu) and a chain whose every process is
+tracked by uffd-wp, CRIU itself writes only the pages written since the last layer: memsnap's
+tracker keeps the write-protection alive through the dump and CRIU reads it, so the freeze
+costs what changed, not the size of memory. Otherwise CRIU dumps every page and memsnap turns
+that into a delta: a page the chain already holds and that was not written since the last
+layer becomes in-parent. Either way the workload stands still from the freeze to the end of
+the dump; if anything fails it is thawed and runs on.
 """
 from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from .. import procfs
 from ..images import chain
@@ -16,16 +22,25 @@ from ..images import criu_format as cf
 from ..images.layer import LayerWriter, Manifest
 from ..images.pages_io import PAGE
 from ..tracking import VmaSelection, registry
+from ..tracking.base import Backend
 from ..tracking.pages import PageRanges
+from ..tracking.uffd_wp import UffdWp
+from ..tracking.vmas import ranges_of
 from . import criu
-from .freezer import own_cgroup
+from .freezer import Freezer, own_cgroup
 from .layers import described_in
 from .layers import entries as layer_entries
 
 
-def write(root: int, target: Path, parent: Path | None, selection: VmaSelection = VmaSelection()) -> Path:
+def write(root: int, target: Path, parent: Path | None, selection: VmaSelection = VmaSelection(),
+          leave_running: bool = False, on_freeze: Callable[[], None] | None = None) -> Path:
+    """With leave_running the tree stays frozen (in own_cgroup(root)) after a successful dump,
+    for the caller to end or thaw (a migration ends it once the target runs it); otherwise
+    CRIU stops it. on_freeze() is called the moment the tree is frozen (where a pause starts)."""
     if parent is not None:
-        chain.load(parent)
+        # Links only: hashing the whole chain here would delay the freeze, and every page
+        # written meanwhile lands in the final layer; restore checks every checksum.
+        chain.load(parent, verify=False)
     pids = [root] + procfs.descendants(root)
     trackers = {pid: registry.resume(pid, selection) for pid in pids if registry.parked_backend(pid)}
     freezer = own_cgroup(root)
@@ -33,27 +48,16 @@ def write(root: int, target: Path, parent: Path | None, selection: VmaSelection 
         with LayerWriter(target) as out:
             for t in trackers.values():
                 t.drop_target_fd()  # CRIU cannot dump a userfaultfd; our duplicate keeps tracking
-            clock = _Phases()
-            freezer.freeze()
-            clock.mark("freeze")
-            dirty = {pid: t.collect().dirty for pid, t in trackers.items()}
-            clock.mark("collect")
-            for t in trackers.values():
-                t.close()  # unprotect while frozen: CRIU must see plain page tables
-            trackers = {}
-            clock.mark("release")
-            criu.dump(root, out.dir, freezer.path)
-            clock.mark("criu dump")
-            frozen_for = clock.total()
-            rel = out.link_parent(parent)
-            pages, described = _delta(out.dir, parent, dirty)
-            manifest = Manifest(kind="final", parent=rel, pids=sorted(pids),
-                                backend="criu", pages=pages, bytes=pages * PAGE,
-                                described_pages=described, freeze_seconds=round(frozen_for, 6),
-                                how="uffd-wp dirty set + criu dump, converted to a delta" if parent
-                                else "criu dump (no chain)", phases=clock.phases)
+            dump = _Dump(root, freezer, leave_running, on_freeze)
+            if parent is not None and _criu_takes_delta(parent, pids, trackers):
+                manifest = _dump_delta(dump, out, parent, trackers)
+            else:
+                manifest = _dump_whole(dump, pids, out, parent, trackers)
             layer = out.commit(manifest)
-        freezer.remove()
+        for t in trackers.values():
+            t.close()
+        if not leave_running:
+            freezer.remove()
         return layer
     except BaseException:
         for t in trackers.values():
@@ -61,6 +65,99 @@ def write(root: int, target: Path, parent: Path | None, selection: VmaSelection 
         if procfs.alive(root):
             freezer.thaw()
         raise
+
+
+def _criu_takes_delta(parent: Path, pids: list[int], trackers: dict[int, Backend]) -> bool:
+    """CRIU can read the dirty bits itself: every process is uffd-wp tracked since the parent,
+    the parent tells CRIU its time (inventory.img), and this CRIU knows --track-mem-uffd."""
+    return (set(trackers) == set(pids) and all(isinstance(t, UffdWp) for t in trackers.values())
+            and (parent / "inventory.img").is_file() and criu.has_uffd_tracking())
+
+
+@dataclass
+class _Dump:
+    """The tree being dumped and how: frozen in freezer, left frozen after with leave_running."""
+
+    root: int
+    freezer: Freezer
+    leave_running: bool
+    on_freeze: Callable[[], None] | None
+
+    def freeze(self) -> _Phases:
+        clock = _Phases()
+        self.freezer.freeze()
+        if self.on_freeze is not None:
+            self.on_freeze()
+        clock.mark("freeze")
+        return clock
+
+    def ids(self, pids) -> dict[int, int]:
+        return procfs.image_ids(self.root, sorted(pids))  # CRIU names tasks by their pid in root's namespace
+
+
+def _dump_delta(dump: _Dump, out: LayerWriter, parent: Path, trackers: dict[int, Backend]) -> Manifest:
+    """CRIU writes the pages written since the parent and refers to the parent for the rest."""
+    ids = dump.ids(trackers)
+    holds = {pid: described_in(parent, ids[pid]) for pid in trackers}  # before the freeze: it waits for nobody
+    rel = out.link_parent(parent)
+    clock = dump.freeze()
+    dirty = {pid: t.hand_over(holds[pid]) for pid, t in trackers.items()}
+    clock.mark("collect")
+    criu.dump_tracked(dump.root, out.dir, rel, dump.freezer.path, dump.leave_running)
+    clock.mark("criu dump")
+    frozen_for = clock.total()
+    clock.split("criu dump", _memory_seconds(out.dir), "criu state dump", "memory delta")
+    tracked = {ids[pid]: ranges_of(t.tracked) for pid, t in trackers.items()}
+    pages, described, written_tracked = _summary(out.dir, tracked)
+    return Manifest(kind="final", parent=rel, pids=sorted(trackers), backend="uffd-wp+criu",
+                    pages=pages, bytes=pages * PAGE, described_pages=described,
+                    freeze_seconds=round(frozen_for, 6),
+                    how="criu --track-mem-uffd: CRIU wrote the pages the tracker saw written since "
+                        "the parent, and in-parent entries for the rest",
+                    phases=clock.phases,
+                    dirty_pages={"tracker": sum(d.pages for d in dirty.values()),
+                                 "criu_in_tracked": written_tracked})
+
+
+def _dump_whole(dump: _Dump, pids: list[int], out: LayerWriter, parent: Path | None,
+                trackers: dict[int, Backend]) -> Manifest:
+    """CRIU dumps every page; memsnap then drops what the chain already holds."""
+    ids = dump.ids(trackers)
+    clock = dump.freeze()
+    dirty = {ids[pid]: t.collect().dirty for pid, t in trackers.items()}
+    clock.mark("collect")
+    for t in trackers.values():
+        t.close()  # unprotect while frozen: CRIU must see plain page tables
+    trackers.clear()
+    clock.mark("release")
+    criu.dump(dump.root, out.dir, dump.freezer.path, leave_running=dump.leave_running)
+    clock.mark("criu dump")
+    frozen_for = clock.total()
+    rel = out.link_parent(parent)
+    pages, described = _delta(out.dir, parent, dirty)
+    clock.mark("memory delta")
+    return Manifest(kind="final", parent=rel, pids=sorted(pids), backend="criu", pages=pages,
+                    bytes=pages * PAGE, described_pages=described, freeze_seconds=round(frozen_for, 6),
+                    how="uffd-wp dirty set + criu dump, converted to a delta" if parent
+                    else "criu dump (no chain)", phases=clock.phases)
+
+
+def _memory_seconds(directory: Path) -> float:
+    """How long CRIU spent on memory (finding, reading and writing pages), from its stats."""
+    stats = criu.dump_stats(directory)
+    return (stats.get("memdump_time", 0) + stats.get("memwrite_time", 0)) / 1e6
+
+
+def _summary(directory: Path, tracked: dict[int, PageRanges]) -> tuple[int, int, int]:
+    """Pages CRIU wrote, pages its pagemaps describe, and pages it wrote inside tracked memory."""
+    pages = described = in_tracked = 0
+    for pid in cf.pagemap_pids(directory):
+        pagemap = cf.read_pagemap(directory / f"pagemap-{pid}.img")
+        present = PageRanges(pagemap.pages(cf.PE_PRESENT))
+        pages += present.pages
+        described += PageRanges(pagemap.pages(cf.PE_PRESENT | cf.PE_PARENT)).pages
+        in_tracked += present.intersection(tracked.get(pid, PageRanges())).pages
+    return pages, described, in_tracked
 
 
 class _Phases:
@@ -74,6 +171,13 @@ class _Phases:
         now = time.monotonic()
         self.phases[name] = round(now - self.last, 6)
         self.last = now
+
+    def split(self, name: str, part: float, first: str, second: str) -> None:
+        """Replace phase `name` by `first` and `second`, `part` seconds of it being the latter."""
+        whole = self.phases.pop(name)
+        part = min(part, whole)
+        self.phases[first] = round(whole - part, 6)
+        self.phases[second] = round(part, 6)
 
     def total(self) -> float:
         return self.last - self.began

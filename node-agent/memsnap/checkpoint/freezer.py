@@ -5,28 +5,37 @@ target's current cgroup and moves the tree into it, so nothing else in the old c
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from .. import cgroupfs, procfs
 from ..cgroupfs import Freezer, FreezeError
 
-__all__ = ["Freezer", "FreezeError", "own_cgroup"]
+__all__ = ["Freezer", "FreezeError", "own_cgroup", "frozen_by_us"]
+
+
+def _freezer_mount() -> tuple[Path, bool, str]:
+    mounts = cgroupfs.hierarchies()
+    if "freezer" in mounts:
+        return mounts["freezer"], False, "freezer"
+    if "cgroup2" in mounts:
+        return mounts["cgroup2"], True, "cgroup2"
+    raise FreezeError("no cgroup freezer is mounted (neither v1 freezer nor cgroup2)")
+
+
+def frozen_by_us(root: int) -> Freezer | None:
+    """The freezer cgroup memsnap made for root, if root sits in one."""
+    base, v2, kind = _freezer_mount()
+    here = base / cgroupfs.membership(root).get(kind, "/").lstrip("/")
+    return Freezer(here, v2) if here.name == f"memsnap-{root}" else None
 
 
 def own_cgroup(root: int) -> Freezer:
     """A freezer cgroup holding exactly root and its descendants."""
-    mounts = cgroupfs.hierarchies()
-    member = cgroupfs.membership(root)
-    if "freezer" in mounts:
-        base, v2 = mounts["freezer"], False
-        current = member.get("freezer", "/")
-    elif "cgroup2" in mounts:
-        base, v2 = mounts["cgroup2"], True
-        current = member.get("cgroup2", "/")
-    else:
-        raise FreezeError("no cgroup freezer is mounted (neither v1 freezer nor cgroup2)")
-    here = base / current.lstrip("/")
-    if here.name == f"memsnap-{root}":
-        return Freezer(here, v2)
-    path = here / f"memsnap-{root}"
+    mine = frozen_by_us(root)
+    if mine is not None:
+        return mine
+    base, v2, kind = _freezer_mount()
+    path = base / cgroupfs.membership(root).get(kind, "/").lstrip("/") / f"memsnap-{root}"
     path.mkdir(exist_ok=True)
     for pid in [root] + procfs.descendants(root):
         try:

@@ -72,13 +72,13 @@ def _batches(pages: PageRanges, most: int):
         yield batch, size
 
 
-def write_process(directory: Path, pid: int, pages_id: int, parent: Path | None,
+def write_process(directory: Path, pid: int, image_id: int, pages_id: int, parent: Path | None,
                   present: PageRanges, keep: PageRanges) -> int:
-    """Write pid's pagemap and pages into a layer directory.
+    """Write pid's pagemap (as pagemap-<image_id>.img, the id CRIU will give it) and pages.
 
     present: pages whose data goes into this layer; keep: the address ranges still mapped,
     outside of which the parent's pages are dropped. Returns pages written.
     """
-    described = described_in(parent, pid).intersection(keep)
-    cf.write_pagemap(cf.pagemap_path(directory, pid), cf.Pagemap(pages_id, entries(described, present)))
+    described = described_in(parent, image_id).intersection(keep)
+    cf.write_pagemap(cf.pagemap_path(directory, image_id), cf.Pagemap(pages_id, entries(described, present)))
     return copy_pages(pid, present, cf.pages_path(directory, pages_id))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .. import procfs
 from ..images import chain
+from ..images import criu_format as cf
 from ..images.layer import LayerWriter, Manifest
 from ..tracking import TrackingError, VmaSelection, registry
 from ..tracking.base import Backend
@@ -78,9 +79,11 @@ def write(root: int, target: Path, parent: Path | None, backend: str = "auto",
     try:
         with LayerWriter(target) as out:
             rel = out.link_parent(parent)
-            pages = sum(write_process(out.dir, pid, i + 1, parent, a.present, ranges_of(a.tracker.tracked))
+            cf.write_inventory(out.dir)  # lets CRIU take this layer as the parent of a final dump
+            ids = procfs.image_ids(root, sorted(armed))  # CRIU names a task by its pid in root's namespace
+            pages = sum(write_process(out.dir, pid, ids[pid], i + 1, parent, a.present, ranges_of(a.tracker.tracked))
                         for i, (pid, a) in enumerate(sorted(armed.items())))
-            described = sum(described_in(out.dir, pid).pages for pid in armed)
+            described = sum(described_in(out.dir, ids[pid]).pages for pid in armed)
             manifest = Manifest(kind="incremental" if parent else "full", parent=rel,
                                 pids=sorted(armed), backend=_backend_of(armed), pages=pages,
                                 bytes=pages * PAGE_SIZE, described_pages=described,

@@ -4,12 +4,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .. import procfs
 from ..images import chain
 from ..images.layer import LayerError
 from ..images.pages_io import check_references
 from . import criu
-from .freezer import own_cgroup
 
 
 def verify(newest: Path) -> list[chain.Layer]:
@@ -27,10 +25,5 @@ def restore(newest: Path) -> dict:
         pidfile = Path(work) / "pid"
         criu.restore(layers[0].dir, pidfile, Path(work))
         pid = int(pidfile.read_text())
-    # CRIU puts a tree dumped from a frozen cgroup back frozen: let it run.
-    if procfs.alive(pid):
-        freezer = own_cgroup(pid)
-        if freezer.frozen():
-            freezer.thaw()
     return {"pid": pid, "layers": len(layers), "dir": str(layers[0].dir),
             "pages": sum(layer.manifest.pages for layer in layers)}

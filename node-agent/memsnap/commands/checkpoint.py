@@ -99,7 +99,7 @@ def _summary(directory: Path, m) -> dict:
     """What a user reads about a layer, the same wherever a command prints one."""
     return {"dir": str(directory), "kind": m.kind, "pages": m.pages, "bytes": m.bytes,
             "described_pages": m.described_pages, "backend": m.backend,
-            "freeze_seconds": m.freeze_seconds}
+            "freeze_seconds": m.freeze_seconds, "phases": m.phases}
 
 
 def _fail(what: str, exc: Exception) -> int:

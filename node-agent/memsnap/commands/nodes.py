@@ -5,6 +5,9 @@
     memsnap nodes list                name, state, address, init PID, image
     memsnap nodes cp SRC NODE:DST     copy a host file or directory into a node
     memsnap nodes exec NODE -- CMD... run CMD in the node; stdio and exit code pass through
+    memsnap nodes run NODE [--name NAME] [--log [FILE]] -- CMD...
+                                      start CMD as a container in the node (own PID namespace and
+                                      cgroup); prints its pid as the node sees it
 """
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import argparse
 import sys
 
 from memsnap.cli import UsageError
+from memsnap.commands.containers import add_run_arguments, run_spec
 from memsnap.nodes import runtime
 from memsnap.nodes.image import ImageError
 
@@ -43,6 +47,11 @@ def register(subparsers) -> None:
     ex.add_argument("node", metavar="NODE")
     ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD...")
     ex.set_defaults(func=_guarded(cmd_exec))
+
+    rn = actions.add_parser("run", help="start a command as a container in a node")
+    rn.add_argument("node", metavar="NODE")
+    add_run_arguments(rn)
+    rn.set_defaults(func=_guarded(cmd_run))
 
 
 def _guarded(func):
@@ -103,6 +112,15 @@ def cmd_exec(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:  # the node's process got the SIGINT too: wait for it to exit
             continue
     return 128 - rc if rc < 0 else rc
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """`memsnap containers run` inside the node: the node's own runtime starts it."""
+    spec = run_spec(args)
+    argv = ["memsnap", "containers", "run", "--name", spec.name]
+    if spec.log is not None:
+        argv += [f"--log={spec.log}"] if spec.log else ["--log"]
+    return runtime.run(args.node, [*argv, "--", *spec.cmd]).returncode
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,3 +66,19 @@ def write_pagemap(path: Path, pagemap: Pagemap) -> None:
     entries += [{"vaddr": v, "nr_pages": n, "flags": f} for v, n, f in pagemap.entries]
     with open(path, "wb") as f:
         _pycriu().dump({"magic": "PAGEMAP", "entries": entries}, f)
+
+
+IMAGES_VERSION = 2  # CRIU_IMAGES_V1_1, what CRIU 3.x and 4.x write
+
+
+def write_inventory(directory: Path) -> None:
+    """inventory.img with the time of this layer (microseconds since boot, as CRIU counts).
+
+    CRIU reads its parent's dump_uptime to tell a process that lived through the parent dump
+    from a new one with the same pid; without it, it ignores the parent and dumps everything.
+    """
+    with open("/proc/uptime") as f:
+        uptime_us = int(float(f.read().split()[0]) * 1_000_000)
+    with open(directory / "inventory.img", "wb") as f:
+        _pycriu().dump({"magic": "INVENTORY", "entries": [
+            {"img_version": IMAGES_VERSION, "fdinfo_per_id": True, "dump_uptime": uptime_us}]}, f)

@@ -38,6 +38,7 @@ class Manifest:
     seconds: float | None = None  # how long writing the layer took
     how: str = ""  # final layers: how the delta was made
     phases: dict[str, float] = field(default_factory=dict)  # final layers: seconds per step
+    dirty_pages: dict[str, int] = field(default_factory=dict)  # final layers: written pages, as the tracker and CRIU saw them
     format: str = FORMAT
 
     def to_json(self) -> str:

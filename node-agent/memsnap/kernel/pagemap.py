@@ -25,6 +25,7 @@ PAGE_IS_SOFT_DIRTY = 1 << 7  # 6.8+
 
 # Classic pagemap entry bits (Documentation/admin-guide/mm/pagemap.rst)
 PM_SOFT_DIRTY = 1 << 55
+PM_UFFD_WP = 1 << 57
 PM_SWAPPED = 1 << 62
 PM_PRESENT = 1 << 63
 
@@ -51,10 +52,11 @@ class Scanner:
         self._vec = (PageRegion * _VEC_LEN)()
 
     def scan(self, start: int, end: int, *, flags: int = 0, category_mask: int = 0,
-             anyof_mask: int = 0, return_mask: int = 0) -> Iterator[tuple[int, int, int]]:
-        """Yield (start, end, categories) of the matching regions in [start, end)."""
+             anyof_mask: int = 0, return_mask: int = 0, inverted: int = 0) -> Iterator[tuple[int, int, int]]:
+        """Yield (start, end, categories) of the matching regions in [start, end); categories
+        in `inverted` must be absent where category_mask asks for them."""
         arg = ScanArg(size=ctypes.sizeof(ScanArg), flags=flags, end=end,
-                      vec=ctypes.addressof(self._vec), vec_len=_VEC_LEN,
+                      vec=ctypes.addressof(self._vec), vec_len=_VEC_LEN, category_inverted=inverted,
                       category_mask=category_mask, category_anyof_mask=anyof_mask,
                       return_mask=return_mask)
         while start < end:
@@ -89,6 +91,16 @@ def read_entries(pagemap_fd: int, start: int, end: int) -> list[int]:
     count = (end - start) // PAGE_SIZE
     data = os.pread(pagemap_fd, count * 8, start // PAGE_SIZE * 8)
     return list(struct.unpack(f"{len(data) // 8}Q", data))
+
+
+# A swapped entry's type (bits 0-4): the last type is the kernel's pte markers (SWP_PTE_MARKER),
+# which uffd-wp leaves on never-populated and discarded pages; they read as "swapped".
+PM_SWAP_TYPE_MASK = 0x1F
+SWP_PTE_MARKER = 0x1F
+
+
+def is_marker(entry: int) -> bool:
+    return bool(entry & PM_SWAPPED) and entry & PM_SWAP_TYPE_MASK == SWP_PTE_MARKER
 
 
 def scan_supports_soft_dirty() -> bool:

@@ -75,6 +75,8 @@ def unregister(fd: int, start: int, end: int) -> None:
     ioctl(fd, UFFDIO_UNREGISTER, Range(start, end - start), f"UFFDIO_UNREGISTER {start:#x}-{end:#x}")
 
 
-def write_protect(fd: int, start: int, end: int) -> None:
-    ioctl(fd, UFFDIO_WRITEPROTECT, WriteProtect(Range(start, end - start), WRITEPROTECT_MODE_WP),
+def write_protect(fd: int, start: int, end: int, protect: bool = True) -> None:
+    """Protect [start, end), or with protect=False drop the protection (which also drops the
+    markers on never-populated pages)."""
+    ioctl(fd, UFFDIO_WRITEPROTECT, WriteProtect(Range(start, end - start), WRITEPROTECT_MODE_WP if protect else 0),
           f"UFFDIO_WRITEPROTECT {start:#x}-{end:#x}")

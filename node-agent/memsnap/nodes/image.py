@@ -1,7 +1,11 @@
 """The node image: a Debian 13 root with CRIU and python3, built by debootstrap, cached by input hash.
 
+CRIU is memsnap's own build (node-agent/criu: Debian's source plus a patch series), installed
+over Debian's binary with dpkg-divert; Debian's package stays for its libraries, crit and pycriu.
+
 The image lives at ``/var/cache/memsnap/node-image/<hash>/root``; the hash covers everything the
-build reads from the repo (suite, package list, files under ``rootfs/``, BUILD_FORMAT). A build
+build reads from the repo (suite, package list, files under ``rootfs/``, the CRIU build's key,
+BUILD_FORMAT). A build
 happens aside in ``.build-<hash>-<pid>`` and is renamed into place, so a published image is
 complete and never changes: running nodes use it as their overlayfs lower dir.
 """
@@ -25,12 +29,13 @@ Log = Callable[[str], None]  # where progress messages go (default: stderr)
 SUITE = "trixie"
 VARIANT = "minbase"
 # Bump when the build steps below change in a way the hashed files do not show.
-BUILD_FORMAT = 1
+BUILD_FORMAT = 2
 
 CACHE_DIR = Path("/var/cache/memsnap/node-image")
 HERE = Path(__file__).resolve().parent
 PACKAGES_FILE = HERE / "packages.txt"
 ROOTFS_DIR = HERE / "rootfs"
+CRIU_BUILD = HERE.parent.parent / "criu" / "build"
 # Mount point of the checkout's node-agent/ inside every node (see rootfs/.../memsnap-checkout.pth).
 CHECKOUT_MOUNT = "/opt/memsnap/node-agent"
 
@@ -61,12 +66,25 @@ def _overlay_files() -> list[Path]:
 def digest() -> str:
     """Hash of every input of the build: changes exactly when a rebuild is needed."""
     h = hashlib.sha256()
-    h.update(json.dumps([BUILD_FORMAT, SUITE, VARIANT, packages(), CHECKOUT_MOUNT]).encode())
+    h.update(json.dumps([BUILD_FORMAT, SUITE, VARIANT, packages(), CHECKOUT_MOUNT, criu_key()]).encode())
     for f in _overlay_files():
         rel = f.relative_to(ROOTFS_DIR).as_posix()
         h.update(f"\0{rel}\0{f.stat().st_mode & 0o7777:o}\0".encode())
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
+
+
+def criu_key() -> str:
+    """The cache key of memsnap's CRIU build (its script and patches)."""
+    return _criu_build("--key")
+
+
+def _criu_build(*args: str) -> str:
+    proc = subprocess.run([str(CRIU_BUILD), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join(proc.stderr.splitlines()[-15:])
+        raise ImageError(f"node-agent/criu/build {' '.join(args)} failed (exit {proc.returncode}):\n{tail}")
+    return proc.stdout.strip()
 
 
 def cached() -> Image | None:
@@ -108,13 +126,16 @@ def _build(d: str, log: Log) -> Image:
     started = time.monotonic()
     log(f"memsnap: building node image {d} (debootstrap {SUITE}, about a minute)")
     try:
+        criu = Path(_criu_build())  # cached by its own key; a few minutes when cold
         _debootstrap(root)
         _customize(root)
+        _install_criu(root, criu)
         manifest = {
             "digest": d,
             "suite": SUITE,
             "packages": packages(),
             "versions": _versions(root, ["criu", "python3", "iproute2"]),
+            "criu_build": criu_key(),
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "build_seconds": round(time.monotonic() - started, 1),
         }
@@ -154,6 +175,14 @@ def _customize(root: Path) -> None:
         for p in (root / junk).glob("*"):
             if p.is_file():
                 p.unlink()
+
+
+def _install_criu(root: Path, criu: Path) -> None:
+    """Put memsnap's CRIU in place of Debian's binary (diverted, so dpkg knows)."""
+    subprocess.run(["chroot", str(root), "dpkg-divert", "--quiet", "--local", "--rename",
+                    "--divert", "/usr/sbin/criu.debian", "--add", "/usr/sbin/criu"], check=True)
+    shutil.copyfile(criu, root / "usr/sbin/criu")
+    os.chmod(root / "usr/sbin/criu", 0o755)
 
 
 def _versions(root: Path, names: list[str]) -> dict[str, str]:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from memsnap import cgroupfs
 from memsnap.nodes import cgroups, image, net
 from memsnap.nodes.image import Log
 
@@ -134,6 +135,7 @@ def up(count: int = 2, log: Log | None = None) -> list[Node]:
         nodes = [n for n in list_nodes() if n.running]
         image.prune({img.digest} | {n.image for n in nodes})
         net.ensure_bridge()
+        started = []
         for index in range(1, count + 1):
             name = node_name(index)
             current = _load(name)
@@ -141,9 +143,10 @@ def up(count: int = 2, log: Log | None = None) -> list[Node]:
                 _warn_if_outdated(current, img, log)
                 continue
             _teardown(name)  # whatever a dead node left behind
-            _start(name, index, img)
+            started.append(_start(name, index, img))
         running = [n for n in list_nodes() if n.running]
         _write_hosts(running)
+        _start_agents(started)
         return running
 
 
@@ -215,6 +218,17 @@ def _start(name: str, index: int, img: image.Image) -> Node:
     return node
 
 
+def _start_agents(started: list[Node]) -> None:
+    """`memsnap agent` in each new node (agents.py); a node whose agent fails is not left up."""
+    from memsnap.nodes import agents  # it calls back into this module
+    try:
+        agents.start(started)
+    except BaseException:
+        for node in started:
+            _teardown(node.name)
+        raise
+
+
 def _teardown(name: str) -> None:
     """Kill everything of the node and remove its cgroups, veth and directories. Idempotent."""
     node = _load(name)
@@ -279,19 +293,8 @@ def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def join_cgroup_fn(name: str):
-    """A preexec_fn putting the child into the node's cgroups (only os calls: safe after fork)."""
-    targets = [str(p / "cgroup.procs") for p in cgroups.paths(name).values()]
-
-    def join() -> None:
-        pid = str(os.getpid()).encode()
-        for t in targets:
-            fd = os.open(t, os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
-
-    return join
+    """A preexec_fn putting the child into the node's cgroups."""
+    return cgroupfs.join_fn(cgroups.paths(name).values())
 
 
 def popen(name: str, argv: Sequence[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:

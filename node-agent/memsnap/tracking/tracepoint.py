@@ -4,9 +4,11 @@ The tracker marks the target's VMAs through process_madvise(MADV_MEMSNAP) (no pt
 the target); the kernel write-protects them and records `memsnap:page_written` for the first
 write to each page in a tracefs instance of this tracker process. A round re-arms every
 marked VMA (again MADV_MEMSNAP) and reads the events. Every event carries a per-address-space
-sequence number: a write whose number is below the re-arm of its VMA belongs to the round that
-re-arm closed, one above it to the next round. A gap in the numbers, or a ring-buffer
-overrun, means events were lost: the whole marked memory then counts as written for the round
+sequence number: a write whose number is below the re-arm of its own VMA belongs to the round
+that re-arm closed, one above it to the next round (the VMAs are re-armed one after the other,
+so the cut is per VMA, never one number for the whole process). A write whose VMA was not
+re-armed counts in this round and the next. A gap in the numbers, or a ring-buffer overrun,
+means events were lost: the whole marked memory then counts as written for the round
 (over-reporting, never under-reporting), and the round says so (`lost`).
 """
 from __future__ import annotations
@@ -89,8 +91,9 @@ class Tracepoint(Backend):
         self._hub: _Hub | None = None
         self._pidfd = -1
         self._pagemap = -1
-        self._boundary = 0  # the sequence number that closed the last round
+        self._boundary = 0  # the highest re-arm number of the last round
         self._ahead: list[tracefs.Event] = []  # events read early: they belong to the next round
+        self._again: list[tracefs.Event] = []  # counted last round, unsure: count them once more
 
     @classmethod
     def availability(cls) -> Availability:
@@ -149,7 +152,7 @@ class Tracepoint(Backend):
         """A new image has a new address space, with its own sequence numbers from 1."""
         os.close(self._pagemap)
         self._pagemap = self.open_pagemap()
-        self.tracked, self._boundary, self._ahead = [], 0, []
+        self.tracked, self._boundary, self._ahead, self._again = [], 0, [], []
         now, _ = self.refresh_vmas()
         self.tracked = self._mark(now)
         self._boundary = self._close_round(self.tracked)[2]
@@ -172,18 +175,19 @@ class Tracepoint(Backend):
         """The pages written before each VMA's re-arm, the ranges removed this round, the
         round's closing number, and whether anything was lost."""
         events, lost = self._read_through(rearmed)
-        cut = _rearm_numbers(events, rearmed, self._boundary)
-        closing = max(cut.values(), default=self._boundary)
-        mine, removed, self._ahead = [], [], []
-        starts = sorted(cut)
+        cuts = _Cuts(events, rearmed, self._boundary)
+        closing = cuts.closing or self._boundary
+        mine = [_page_range(e) for e in self._again]
+        removed, self._ahead, self._again = [], [], []
         for e in events:
-            if e.seq <= self._boundary:
-                continue  # already counted
-            limit = _limit_for(e.start, starts, cut)
+            limit = cuts.limit(e.start)
             if limit is not None and e.seq > limit:
                 self._ahead.append(e)  # after its VMA was re-armed: next round
             elif e.name == "page_written":
-                mine.append((e.start & ~(pagemap.PAGE_SIZE - 1), e.end))
+                mine.append(_page_range(e))
+                if limit is None:
+                    # Not re-protected this round: the write itself may land after we read.
+                    self._again.append(e)
             elif e.name == "vma_removed":
                 removed.append((e.start, e.end))
         seen = {e.seq for e in events}
@@ -191,15 +195,14 @@ class Tracepoint(Backend):
         return PageRanges(mine), PageRanges(removed), closing, lost or gaps
 
     def _read_through(self, rearmed: list[Mapping]) -> tuple[list[tracefs.Event], bool]:
-        """Events up to this round's re-arms. A number below them can still be in flight on
-        another CPU: read again briefly before calling it lost."""
+        """Events up to this round's last re-arm. A number below it can still be in flight on
+        another CPU (taken, not yet recorded): read again briefly before calling it lost."""
         lost = False
         events = list(self._ahead)
         for attempt in range(3):
             lost |= self._hub.pump()
             events += self._hub.take(self.pid)
-            cut = _rearm_numbers(events, rearmed, self._boundary)
-            closing = max(cut.values(), default=0)
+            closing = _Cuts(events, rearmed, self._boundary).closing
             seen = {e.seq for e in events}
             if closing and all(s in seen for s in range(self._boundary + 1, closing + 1)):
                 break
@@ -211,22 +214,34 @@ class Tracepoint(Backend):
                                [(m.start, m.end) for m in maps])
 
 
-def _rearm_numbers(events: list[tracefs.Event], rearmed: list[Mapping], after: int) -> dict[tuple[int, int], int]:
-    """The sequence number of this round's vma_marked event for each re-armed VMA."""
-    wanted = {(m.start, m.end) for m in rearmed}
-    cut: dict[tuple[int, int], int] = {}
-    for e in events:
-        if e.name == "vma_marked" and e.seq > after and (e.start, e.end) in wanted:
-            cut[(e.start, e.end)] = max(cut.get((e.start, e.end), 0), e.seq)
-    return cut
+class _Cuts:
+    """This round's re-arms: the vma_marked events (numbered above `after`) inside each
+    re-armed mapping. The kernel reports a re-arm per VMA it touched, so one mapping may
+    have several (split meanwhile, or re-armed twice); a page's cut is the highest that
+    covers it."""
+
+    def __init__(self, events: list[tracefs.Event], rearmed: list[Mapping], after: int):
+        self._maps = sorted((m.start, m.end) for m in rearmed)
+        self._marks: dict[int, list[tuple[int, int, int]]] = {}
+        for e in events:
+            if e.name == "vma_marked" and e.seq > after:
+                i = self._index(e.start)
+                if i is not None and e.end <= self._maps[i][1]:
+                    self._marks.setdefault(i, []).append((e.start, e.end, e.seq))
+        self.closing = max((seq for marks in self._marks.values() for _, _, seq in marks), default=0)
+
+    def _index(self, addr: int) -> int | None:
+        i = bisect.bisect_right(self._maps, (addr, float("inf"))) - 1
+        return i if i >= 0 and self._maps[i][0] <= addr < self._maps[i][1] else None
+
+    def limit(self, addr: int) -> int | None:
+        """The number of the last re-arm of addr this round; None if it was not re-armed."""
+        marks = self._marks.get(self._index(addr), ())
+        return max((seq for start, end, seq in marks if start <= addr < end), default=None)
 
 
-def _limit_for(addr: int, starts: list[tuple[int, int]], cut: dict[tuple[int, int], int]) -> int | None:
-    """The re-arm number of the VMA holding addr, if it was re-armed this round."""
-    i = bisect.bisect_right(starts, (addr, float("inf"))) - 1
-    if i >= 0 and starts[i][0] <= addr < starts[i][1]:
-        return cut[starts[i]]
-    return None
+def _page_range(e: tracefs.Event) -> tuple[int, int]:
+    return (e.start & ~(pagemap.PAGE_SIZE - 1), e.end)
 
 
 def _advise_each(pidfd: int, maps: list[Mapping], advice: int) -> dict[Mapping, str]:

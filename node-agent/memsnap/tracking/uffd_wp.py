@@ -13,7 +13,7 @@ import os
 
 from .. import procfs, remote
 from ..kernel import pagemap, pidfd, seccomp, userfaultfd as uffd
-from ..kernel.pagemap import (PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN,
+from ..kernel.pagemap import (PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN, PAGE_SIZE,
                               PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING)
 from ..procfs import Mapping
 from .base import Availability, Backend, ProcessSample, TrackingError
@@ -116,6 +116,48 @@ class UffdWp(Backend):
             close_copies(pid, [self._uffd])
         self._target_fd = -1
         self._save_state()
+
+    def hand_over(self, holds: PageRanges) -> PageRanges:
+        """Ready a frozen target for `criu dump --track-mem-uffd` against a parent holding
+        `holds`; returns the tracked pages CRIU will count as written.
+
+        CRIU takes a write-protected page as clean and expects the parent to hold it, so the
+        protection is dropped where that is not so: pages the parent lacks (collected but never
+        saved, or not in the baseline) and protection markers, which read as swapped but hold
+        no data (never-populated pages, and discarded ones whose old data the parent must not
+        bring back). Nothing is re-protected: CRIU sees every write since the last layer.
+        """
+        tracked = self.tracked_ranges()
+        categories = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
+        regions = [r for start, end in tracked for r in self._scanner.scan(
+            start, end, anyof_mask=categories, return_mask=categories | PAGE_IS_WRITTEN)]
+        with_data = PageRanges((s, e) for s, e, _ in regions)
+        swapped_clean = PageRanges((s, e) for s, e, c in regions if c & PAGE_IS_SWAPPED and not c & PAGE_IS_WRITTEN)
+        drop = self._pending.union(with_data.difference(holds), self._markers(swapped_clean.intersection(holds)))
+        mapped = PageRanges((m.start, m.end) for m in procfs.read_maps(self.pid))
+        for start, end in drop.intersection(tracked).intersection(mapped):
+            try:
+                uffd.write_protect(self._uffd, start, end, protect=False)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.EINVAL):
+                    raise  # else no longer registered: CRIU dumps all of it anyway
+        return PageRanges().union(*(self._written(start, end) for start, end in tracked))
+
+    def _markers(self, ranges: PageRanges) -> PageRanges:
+        """The pages in `ranges` that hold a pte marker (few: discarded or swapped pages)."""
+        found = []
+        for start, end in ranges:
+            entries = pagemap.read_entries(self._pagemap, start, end)
+            found += [(start + i * PAGE_SIZE, start + (i + 1) * PAGE_SIZE)
+                      for i, entry in enumerate(entries) if pagemap.is_marker(entry)]
+        return PageRanges(found)
+
+    def _written(self, start: int, end: int) -> PageRanges:
+        """Written pages with data in [start, end), as CRIU counts them (never-populated pages
+        read as written once unprotected; the zero page holds nothing), not re-protected."""
+        return PageRanges((s, e) for s, e, _ in self._scanner.scan(
+            start, end, category_mask=PAGE_IS_WRITTEN | PAGE_IS_PFNZERO, inverted=PAGE_IS_PFNZERO,
+            anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED, return_mask=PAGE_IS_WRITTEN))
 
     def park(self, pending: PageRanges = PageRanges()) -> None:
         state = self._state("parked")

@@ -1,0 +1,329 @@
+"""The source half of a migration: pre-copy rounds to the target's agent, the pause, the
+hand-over, and the rollback that leaves the workload as it was whatever fails.
+
+    rounds:  layer l0 (all memory), l1, l2 ... (pages written since) -> sent while it runs
+    pause:   freeze (cgroup) -> last dirty set + CRIU state dump, leave-running -> send
+             -> target restores and confirms it runs -> commit -> end the source copy
+
+Blocking work (tracking, CRIU) runs in one worker thread per migration; the network is async.
+"""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import aiohttp
+
+from .. import cgroupfs, containers, procfs
+from ..checkpoint import criu, final, precopy
+from ..checkpoint.freezer import FreezeError, frozen_by_us, own_cgroup
+from ..images.layer import LayerError, read_manifest
+from ..tracking import TrackingError, VmaSelection, registry
+from . import throttle, transfer
+from .planner import Decision, Planner, Policy, Round
+
+log = logging.getLogger(__name__)
+
+OUTGOING = Path("/var/lib/memsnap/outgoing")
+COSTS = Path("/var/lib/memsnap/migration-costs.json")
+DEFAULT_FIXED_COST = 0.15  # s: state dump + restore + confirm, until one was measured here
+COMMIT_WAIT = 30.0  # s to learn a commit's outcome: longer than the target's lease
+
+Emit = Callable[[dict], Awaitable[None]]
+
+
+class MigrationError(Exception):
+    """The migration failed and was rolled back; the message says why."""
+
+
+@dataclass
+class Request:
+    pid: int
+    target: str  # node name
+    base_url: str  # https://NODE:PORT/api/v1/migrations/ID on the target
+    policy: Policy
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+
+@dataclass
+class Pause:
+    """Where the pause went, in seconds (freeze to running on the target)."""
+
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def total(self) -> float:
+        return sum(self.phases.values())
+
+
+class SourceMigration:
+    def __init__(self, req: Request, session: aiohttp.ClientSession, emit: Emit,
+                 still_wanted: Callable[[], bool] = lambda: True):
+        self.req, self.session, self.emit, self.still_wanted = req, session, emit, still_wanted
+        self.root = req.pid
+        self.starttime = procfs.read_stat(req.pid).starttime
+        self.container = containers.container_of(req.pid) or ""
+        self.out = OUTGOING / req.id
+        self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"memsnap-mig-{req.id}")
+        self.limiter = transfer.RateLimiter(req.policy.bandwidth_bytes_s)
+        self.throttle: throttle.Throttle | None = None
+        self.frozen = False
+        self.created_on_target = False
+        self.layers: list[Path] = []
+        self.transferred = 0
+        self.converged_because = "stop-and-copy: no pre-copy"
+
+    async def _blocking(self, fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(self.worker, lambda: fn(*args, **kwargs))
+
+    # -- the whole run --------------------------------------------------------------------
+
+    async def run(self) -> dict:
+        began = time.monotonic()
+        self.out.mkdir(mode=0o700, parents=True)
+        (self.out / "source.json").write_text(json.dumps({"pid": self.root, "starttime": self.starttime}))
+        try:
+            memory = await self._blocking(_memory_bytes, self.root)
+            await self._create_on_target(memory)
+            planner = Planner(self.req.policy, memory, _fixed_cost())
+            if self.req.policy.precopy:
+                await self._precopy(planner)
+            summary = await self._pause_and_hand_over()
+        except BaseException as exc:
+            await self._rollback(exc)
+            raise
+        finally:
+            self.worker.shutdown(wait=False)
+        summary.update(planner.summary(), memory_bytes=memory, transferred_bytes=self.transferred,
+                       converged=True, converged_because=self.converged_because, mode="pre-copy" if self.req.policy.precopy else "stop-and-copy",
+                       total_seconds=round(time.monotonic() - began, 3))
+        return summary
+
+    async def _create_on_target(self, memory: int) -> None:
+        c = containers.load(self.container) if self.container else None
+        body = {"container": self.container, "argv": c.argv if c else [], "memory_bytes": memory}
+        await _call(self.session, "POST", self.req.base_url, body)
+        self.created_on_target = True
+
+    # -- pre-copy ------------------------------------------------------------------------
+
+    async def _precopy(self, planner: Planner) -> None:
+        last_collect = time.monotonic()
+        while True:
+            self._check_wanted()
+            layer, collected = await self._write_layer()
+            sent = await transfer.send_layer(self.session, self.req.base_url, layer, self.limiter)
+            self.transferred += sent.bytes
+            m = read_manifest(layer)
+            r = Round(len(planner.rounds), m.pages, sent.bytes, collected - last_collect, time.monotonic() - collected)
+            last_collect = collected
+            decision = planner.observe(r)
+            await self.emit({"event": "round", **r.as_json()})
+            if decision.action == "finalize":
+                self.converged_because = decision.reason
+                return
+            if decision.action == "fail":
+                raise MigrationError(decision.reason)
+            await self._apply_throttle(decision)
+
+    async def _write_layer(self) -> tuple[Path, float]:
+        name = f"l{len(self.layers)}"
+        parent = self.layers[-1] if self.layers else None
+        layer = await self._blocking(precopy.write, self.root, self.out / name, parent)
+        collected = time.monotonic()  # the layer's dirty set was taken (about) now
+        self.layers.append(layer)
+        return layer, collected
+
+    async def _apply_throttle(self, d: Decision) -> None:
+        if not d.throttle_percent:
+            return
+        if self.throttle is None:
+            self.throttle = await self._blocking(throttle.Throttle.for_tree, self.root)
+        await self._blocking(self.throttle.set, d.throttle_percent)
+
+    # -- the pause -----------------------------------------------------------------------
+
+    async def _pause_and_hand_over(self) -> dict:
+        self._check_wanted()
+        pause = Pause()
+        self.frozen = True  # from here on a failure must thaw
+        marks: dict[str, float] = {}
+        t0 = time.monotonic()
+        parent = self.layers[-1] if self.layers else None  # none: stop-and-copy
+        layer = await self._blocking(final.write, self.root, self.out / "final", parent,
+                                     VmaSelection(), True, lambda: marks.setdefault("frozen", time.monotonic()))
+        frozen_at = marks.get("frozen", t0)
+        m = read_manifest(layer)
+        pause.phases.update(m.phases)
+        pause.phases["write layer"] = round(time.monotonic() - frozen_at - sum(m.phases.values()), 6)
+        t = time.monotonic()
+        sent = await transfer.send_layer(self.session, self.req.base_url, layer, self.limiter)
+        self.transferred += sent.bytes
+        pause.phases["transfer"] = round(time.monotonic() - t, 6)
+        self._check_wanted()
+        t = time.monotonic()
+        restored = await _call(self.session, "POST", f"{self.req.base_url}/restore", {"layer": "final"})
+        running_at = time.monotonic()
+        pause.phases["restore"] = restored.get("restore_seconds", 0.0)
+        pause.phases["until running"] = round(running_at - t - pause.phases["restore"], 6)
+        await self._commit()
+        await self._end_source()
+        downtime = running_at - frozen_at
+        _record_fixed_cost(m.phases, restored)
+        return {"event": "done", "target_node": self.req.target, "target_pid": restored["pid"],
+                "downtime_ms": round(downtime * 1000, 1), "final_layer_bytes": sent.bytes,
+                "pause_phases": {k: round(v * 1000, 1) for k, v in pause.phases.items()}}
+
+    async def _commit(self) -> None:
+        """Hand over. If the answer is lost, ask until the target says what it did: the
+        source copy is ended only when the target holds the workload for good."""
+        deadline = time.monotonic() + COMMIT_WAIT
+        try:
+            await _call(self.session, "POST", f"{self.req.base_url}/commit", {})
+            return
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            first = exc
+        while time.monotonic() < deadline:
+            try:
+                state = (await _call(self.session, "GET", self.req.base_url, None)).get("state")
+            except MigrationError:  # 404: the target gave it up (lease) and removed it
+                break
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                await asyncio.sleep(1.0)
+                continue
+            if state == "committed":
+                return
+            await _call(self.session, "POST", f"{self.req.base_url}/commit", {})
+            return
+        raise MigrationError(f"could not commit the hand-over to {self.req.target}: {first}")
+
+    async def _end_source(self) -> None:
+        self.frozen = False
+        await self._blocking(_end_tree, self.root, self.starttime, self.container)
+        shutil.rmtree(self.out, ignore_errors=True)
+
+    # -- rollback ------------------------------------------------------------------------
+
+    def _check_wanted(self) -> None:
+        if not self.still_wanted():
+            raise MigrationError("the client that started the migration went away")
+
+    async def _rollback(self, exc: BaseException) -> None:
+        log.warning("migration %s of pid %d to %s failed, rolling back: %s", self.req.id, self.root,
+                    self.req.target, exc)
+        if self.created_on_target:
+            try:
+                await asyncio.wait_for(_call(self.session, "DELETE", self.req.base_url, None), 10)
+            except Exception as e:  # noqa: BLE001 - the target's lease removes it anyway
+                log.warning("could not tell %s to drop migration %s: %s", self.req.target, self.req.id, e)
+        await self._blocking(_restore_source, self.root, self.starttime, self.throttle)
+        shutil.rmtree(self.out, ignore_errors=True)
+
+
+# ---- blocking helpers (worker thread) ----------------------------------------------------
+
+def recover() -> list[str]:
+    """At agent start: a workload an earlier agent was migrating when it died runs on here,
+    thawed and untracked (the target's lease drops its half)."""
+    done = []
+    if not OUTGOING.is_dir():
+        return done
+    for d in sorted(OUTGOING.iterdir()):
+        try:
+            src = json.loads((d / "source.json").read_text())
+            _restore_source(int(src["pid"]), int(src["starttime"]), None)
+            done.append(f"migration {d.name} of pid {src['pid']} was cut short: the workload runs on here")
+        except (OSError, ValueError, KeyError):
+            pass
+        shutil.rmtree(d, ignore_errors=True)
+    return done
+
+
+def _memory_bytes(root: int) -> int:
+    """Private writable memory of the tree: what must move."""
+    total = 0
+    for pid in [root] + procfs.descendants(root):
+        total += sum(m.size for m in procfs.read_maps(pid) if m.writable and m.private)
+    return total
+
+
+def _restore_source(root: int, starttime: int, thr: "throttle.Throttle | None") -> None:
+    """The workload as it was: thawed, back in its own cgroup, untracked, unthrottled."""
+    if procfs.alive(root, starttime):
+        try:
+            freezer = frozen_by_us(root)
+            if freezer is not None:
+                freezer.thaw()
+                cgroupfs.leave(freezer.path)
+        except (OSError, FreezeError) as exc:
+            log.error("could not thaw pid %d: %s", root, exc)
+        for pid in [root] + procfs.descendants(root):
+            if registry.parked_backend(pid):
+                try:
+                    registry.resume(pid, VmaSelection()).close()
+                except TrackingError as exc:
+                    log.error("could not release tracking of pid %d: %s", pid, exc)
+    if thr is not None:
+        thr.reset()
+
+
+def _end_tree(root: int, starttime: int, container: str) -> None:
+    if container:
+        containers.stop(container)
+        return
+    freezer = own_cgroup(root) if procfs.alive(root, starttime) else None
+    for pid in [root] + procfs.descendants(root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if freezer is not None:
+        freezer.thaw()
+        while procfs.alive(root, starttime):
+            time.sleep(0.01)
+        freezer.remove()
+
+
+def _fixed_cost() -> float:
+    try:
+        return float(json.loads(COSTS.read_text())["fixed_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return DEFAULT_FIXED_COST
+
+
+def _record_fixed_cost(phases: dict[str, float], restored: dict) -> None:
+    """State dump and restore, as measured: the next migration's planner predicts with it."""
+    fixed = phases.get("criu dump", 0.0) + phases.get("freeze", 0.0) + float(restored.get("restore_seconds", 0.0))
+    try:
+        COSTS.parent.mkdir(parents=True, exist_ok=True)
+        COSTS.write_text(json.dumps({"fixed_seconds": round(fixed, 4), "measured": time.time()}))
+    except OSError:
+        pass
+
+
+# ---- talking to the target ---------------------------------------------------------------
+
+async def _call(session: aiohttp.ClientSession, method: str, url: str, body: dict | None) -> dict:
+    kwargs = {"json": body} if body is not None else {}
+    async with session.request(method, url, **kwargs) as resp:
+        try:
+            data = await resp.json()
+        except (aiohttp.ContentTypeError, ValueError):
+            data = {"error": (await resp.text())[:200]}
+        if resp.status >= 400:
+            raise MigrationError(f"{method} {url.split('/api/v1')[-1]}: target answered {resp.status}: "
+                                 f"{data.get('error') or resp.reason}")
+        return data
+
+
+__all__ = ["MigrationError", "Request", "SourceMigration", "OUTGOING", "criu", "LayerError"]

@@ -1,0 +1,83 @@
+"""The final layer with memsnap's CRIU: CRIU itself writes only the pages written since the
+last layer (its dirty bits come from the uffd-wp protection memsnap's tracker keeps), and the
+chain restores byte for byte."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from test_checkpoint import checkpoint, memsnap, sh, wl  # noqa: F401  (wl is a fixture)
+
+pytestmark = [pytest.mark.nodes, pytest.mark.slow]
+
+BASE = "/var/lib/memsnap-test"
+# Writes one distinct byte into each of the given pages of the workload's region, from
+# outside (through /proc/PID/mem, a write the kernel makes like the process would).
+POKE = """
+import json, sys
+info = json.load(open(sys.argv[2]))
+with open(f"/proc/{sys.argv[1]}/mem", "r+b", buffering=0) as m:
+    for i, page in enumerate(json.loads(sys.argv[3])):
+        m.seek(info["base"] + page * info["page_size"] + 7)
+        m.write(bytes([(i % 250) + 1]))
+"""
+# Region pages (numbers) that a layer's pagemap holds data for.
+HELD = """
+import json, sys, pycriu.images
+info = json.load(open(sys.argv[2]))
+base, size, ps = info["base"], info["size"], info["page_size"]
+head, *entries = pycriu.images.load(open(sys.argv[3] + f"/pagemap-{sys.argv[1]}.img", "rb"))["entries"]
+held = []
+for e in entries:
+    if e.get("flags", 4) & 4:
+        held += [(e["vaddr"] - base) // ps + i for i in range(e["nr_pages"])
+                 if base <= e["vaddr"] + i * ps < base + size]
+print(json.dumps(sorted(held)))
+"""
+
+
+def poke(w, pages: list[int]) -> None:
+    sh(f"python3 -c '{POKE}' {w.pid} {w.info_path} '{json.dumps(pages)}'")
+
+
+def held_pages(w, layer: str) -> list[int]:
+    return json.loads(sh(f"python3 -c '{HELD}' {w.pid} {w.info_path} {BASE}/{layer}").stdout)
+
+
+def test_criu_writes_only_the_pages_written_since_the_last_layer(wl):
+    w = wl(mib=64, churn=2000)
+    full = checkpoint(w.pid, "l1")
+    time.sleep(0.5)
+    checkpoint(w.pid, "l2", "l1")
+    w.stop_churn()
+    checkpoint(w.pid, "l3", "l2")  # the last churned pages
+    written = sorted({(i * 37) % 16384 for i in range(300)})
+    poke(w, written)
+    before = w.region_hash()
+    final = checkpoint(w.pid, "final", "l3", final=True)
+    assert final["kind"] == "final"
+    manifest = json.loads(sh(f"cat {BASE}/final/memsnap-layer.json").stdout)
+    assert "--track-mem-uffd" in manifest["how"]
+    assert held_pages(w, "final") == written  # exactly the pages written since l3, in the region
+    assert manifest["dirty_pages"]["criu_in_tracked"] == manifest["dirty_pages"]["tracker"]
+    assert final["pages"] < full["pages"] / 20
+    assert set(manifest["phases"]) >= {"freeze", "collect", "criu state dump", "memory delta"}
+    assert not w.alive()
+    restored = json.loads(memsnap("restore", "--dir", f"{BASE}/final").stdout)
+    assert w.alive(restored["pid"])
+    assert w.region_hash(restored["pid"]) == before
+
+
+def test_a_chain_without_parked_tracking_falls_back_to_a_whole_dump(wl):
+    w = wl(mib=16, churn=500)
+    checkpoint(w.pid, "l1")
+    sh("memsnap untrack --pid %d" % w.pid)  # the chain's tracking is gone: nothing says what changed
+    w.stop_churn()
+    before = w.region_hash()
+    checkpoint(w.pid, "final", "l1", final=True)
+    manifest = json.loads(sh(f"cat {BASE}/final/memsnap-layer.json").stdout)
+    assert "--track-mem-uffd" not in manifest["how"]
+    restored = json.loads(memsnap("restore", "--dir", f"{BASE}/final").stdout)
+    assert w.region_hash(restored["pid"]) == before

@@ -1,0 +1,60 @@
+"""The planner's decisions from measured rounds (pure logic: no nodes needed)."""
+from memsnap.migration.planner import MIB, Planner, Policy, Round
+
+PAGE = 4096
+
+
+def rnd(i, dirty_pages, sent, collect_s=1.0, send_s=1.0):
+    return Round(i, dirty_pages, sent, collect_s, send_s)
+
+
+def test_first_round_always_continues_then_finalizes_when_the_rest_fits():
+    p = Planner(Policy(max_downtime_ms=300), memory_bytes=1024 * MIB, fixed_cost_s=0.1)
+    assert p.observe(rnd(0, 262144, 1024 * MIB, send_s=4.0), now=p.started + 5).action == "continue"
+    # 100 pages/s dirtied, 0.05 s to send: ~20 KiB left at 256 MiB/s -> ~100 ms
+    d = p.observe(rnd(1, 100, 100 * PAGE, collect_s=1.0, send_s=0.05), now=p.started + 6)
+    assert d.action == "finalize", d
+    assert p.rounds[-1].predicted_downtime_ms < 300
+
+
+def test_a_workload_faster_than_the_link_fails_at_the_progress_timeout():
+    p = Planner(Policy(max_downtime_ms=10, progress_timeout=5), memory_bytes=64 * MIB, fixed_cost_s=0.1)
+    p.observe(rnd(0, 16384, 64 * MIB), now=p.started + 1)
+    t, decisions = p.started + 1, []
+    for i in range(1, 20):
+        t += 1
+        decisions.append(p.observe(rnd(i, 4000, 4000 * PAGE), now=t))
+        if decisions[-1].action != "continue":
+            break
+    assert decisions[-1].action == "fail" and "progress" in decisions[-1].reason
+    assert "--auto-converge" in decisions[-1].reason
+
+
+def test_auto_converge_throttles_in_growing_steps():
+    p = Planner(Policy(max_downtime_ms=10, progress_timeout=1000, auto_converge=True),
+                memory_bytes=64 * MIB, fixed_cost_s=0.1)
+    p.observe(rnd(0, 16384, 64 * MIB), now=p.started + 1)
+    throttles = [p.observe(rnd(i, 4000, 4000 * PAGE), now=p.started + 1 + i).throttle_percent for i in range(1, 8)]
+    assert throttles[0] == 0 and max(throttles) > 20
+    assert throttles == sorted(throttles)
+
+
+def test_completion_timeout_scales_with_memory():
+    p = Planner(Policy(max_downtime_ms=1, completion_timeout_per_gib=10), memory_bytes=512 * MIB, fixed_cost_s=0.1)
+    p.observe(rnd(0, 131072, 512 * MIB), now=p.started + 1)
+    d = p.observe(rnd(1, 4000, 4000 * PAGE), now=p.started + 6)
+    assert d.action == "fail" and "completion timeout" in d.reason
+
+
+def test_bad_policies_are_refused():
+    import pytest
+    for bad in (Policy(max_downtime_ms=0), Policy(bandwidth_mib_s=-1), Policy(progress_timeout=0)):
+        with pytest.raises(ValueError):
+            bad.check()
+
+
+def test_a_state_dump_floor_over_the_budget_finalizes_once_memory_is_small():
+    p = Planner(Policy(max_downtime_ms=100), memory_bytes=64 * MIB, fixed_cost_s=0.3)
+    p.observe(rnd(0, 16384, 64 * MIB), now=p.started + 1)
+    d = p.observe(rnd(1, 10, 10 * PAGE, collect_s=1.0, send_s=0.01), now=p.started + 2)
+    assert d.action == "finalize" and "300 ms" in d.reason, d
