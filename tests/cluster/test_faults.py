@@ -51,7 +51,7 @@ def test_up_after_a_crash_clears_the_remains(cluster, kubectl):
     assert "clearing the remains of a previous cluster" in proc.stderr
     assert not any(p.running for p in old.processes.values())
     status = json.loads(run_cli("status", "--json").stdout)
-    assert status["healthy"], status
+    assert status["healthy"], f"{status}\n{proc.stderr}"
     assert {ready(kubectl, f"node-{i}") for i in range(1, COUNT + 1)} == {"True"}
 
 
@@ -60,7 +60,9 @@ def test_down_removes_everything_and_twice_is_fine(cluster):
     started = [(p.pid, p.starttime) for p in st.processes.values()]
     started += [(pid, procfs.read_stat(pid).starttime) for n in st.nodes for pid in worker.daemons(n).values()]
     started += [(n.pid, n.starttime) for n in nodes.list_nodes() if n.name in st.nodes]
-    assert len(started) == 4 + 3 * COUNT
+    found = {n: worker.daemons(n) for n in st.nodes}
+    logs = "\n".join(state.log_tail(state.node_log(n, c), 3) for n in st.nodes for c in ("containerd", "kubelet"))
+    assert len(started) == 4 + 3 * COUNT, f"not all running: {found}\n{run_cli('status').stdout}\n{logs}"
     proc = run_cli("down", timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert not any(procfs.alive(pid, t) for pid, t in started)
