@@ -142,3 +142,14 @@ CLEAN = {"uffd_fds": [], "armed_vmas": 0, "stopped": []}
 
 
 from memsnap.nodes.testing import local_nodes  # noqa: E402,F401  (session fixture: node-1, node-2)
+from memsnap.cluster.testing import cluster, kubectl  # noqa: E402,F401  (session fixtures: a two-node cluster)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Cluster tests last: `memsnap cluster up` restarts node-1 and node-2 for its kubelets, which
+    must not happen under the feet of tests using the plain local nodes.
+    Those that break or stop the cluster (cluster(destructive=True)) come at the very end."""
+    def order(item) -> tuple[bool, bool]:
+        marker = item.get_closest_marker("cluster")
+        return marker is not None, bool(marker and marker.kwargs.get("destructive"))
+    items.sort(key=order)

@@ -1,6 +1,9 @@
 """Where the cgroup hierarchies are mounted, and a process's cgroup in each."""
 from __future__ import annotations
 
+import errno
+import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,3 +101,89 @@ def leave(path: Path) -> None:
         path.rmdir()
     except OSError:
         pass
+
+
+# ---- whole cgroup trees (a node's, a container's), given their path in each hierarchy ----
+
+_THAW = {"freezer.state": "THAWED", "cgroup.freeze": "0"}
+
+
+def subtree(path: Path) -> list[Path]:
+    """path and every cgroup below it (tools inside may make their own), deepest first."""
+    if not path.is_dir():
+        return []
+    return [Path(d) for d, _, _ in os.walk(path, topdown=False)]
+
+
+def tasks(paths) -> set[int]:
+    """Every task in these cgroups, sub-cgroups included."""
+    found: set[int] = set()
+    for path in paths:
+        for cg in subtree(path):
+            try:
+                found.update(int(p) for p in (cg / "cgroup.procs").read_text().split())
+            except FileNotFoundError:
+                pass
+    return found
+
+
+def thaw_all(paths) -> None:
+    """Thaw these cgroups and every one below, top-down (a frozen task cannot even die)."""
+    for path in paths:
+        for cg in reversed(subtree(path)):
+            for control, value in _THAW.items():
+                try:
+                    (cg / control).write_text(value + "\n")
+                except (FileNotFoundError, PermissionError):
+                    pass
+
+
+def kill_tasks(paths, what: str, timeout: float = 10.0) -> bool:
+    """SIGKILL every task in these cgroups and wait until none is left; whether any was."""
+    paths = list(paths)
+    thaw_all(paths)
+    deadline = time.monotonic() + timeout
+    found = False
+    while left := tasks(paths):
+        found = True
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} still has tasks {sorted(left)} after SIGKILL")
+        time.sleep(0.02)
+    return found
+
+
+def rmdir(path: Path) -> None:
+    """Remove an empty cgroup, waiting briefly while dying tasks are still charged to it."""
+    for _ in range(50):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                time.sleep(0.05)
+                continue
+            raise
+
+
+def join_fn(paths):
+    """A preexec_fn (or post-fork call) moving the caller into these cgroups: only os calls,
+    safe between fork and exec."""
+    targets = [str(p / "cgroup.procs") for p in paths]
+
+    def join() -> None:
+        me = str(os.getpid()).encode()
+        for t in targets:
+            fd = os.open(t, os.O_WRONLY)
+            try:
+                os.write(fd, me)
+            finally:
+                os.close(fd)
+
+    return join

@@ -19,6 +19,7 @@ COMMANDS = [
     "memsnap.commands.nodes",
     "memsnap.commands.containers",
     "memsnap.commands.migrate",
+    "memsnap.commands.cluster",
     "memsnap.commands.agent",
     "memsnap.commands.pki",
     "memsnap.commands.demo",

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import signal
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,31 +66,15 @@ def make_cgroups(name: str) -> dict[str, Path]:
 
 
 def join_cgroups_fn(paths: dict[str, Path]):
-    """A preexec_fn (or post-fork call) putting the caller into paths: plain os calls only."""
-    targets = [str(p / "cgroup.procs") for p in paths.values()]
-
-    def join() -> None:
-        me = str(os.getpid()).encode()
-        for t in targets:
-            fd = os.open(t, os.O_WRONLY)
-            try:
-                os.write(fd, me)
-            finally:
-                os.close(fd)
-
-    return join
+    """A preexec_fn putting the caller into paths."""
+    return cgroupfs.join_fn(paths.values())
 
 
 def remove_cgroups(name: str) -> None:
     """Remove the container's cgroups (and any left below them, e.g. a freezer's), deepest first."""
     for path in cgroup_paths(name).values():
-        if not path.is_dir():
-            continue
-        for d, _, _ in os.walk(path, topdown=False):
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
+        for cg in cgroupfs.subtree(path):
+            cgroupfs.rmdir(cg)
 
 
 def container_of(pid: int) -> str | None:
@@ -215,48 +198,13 @@ def _init(argv, log, wfd) -> None:
 def stop(name: str, timeout: float = 5.0) -> bool:
     """Kill everything in the container's cgroups (recorded or not: a restore in progress has
     no record yet), remove its cgroups and record. Returns whether anything was running."""
-    paths = cgroup_paths(name)
-    for path in paths.values():
-        _thaw_below(path)  # a frozen task cannot die
     c = load(name)
-    found = False
-    deadline = time.monotonic() + timeout
-    while pids := _tasks(paths.values()) | ({c.pid} if c and c.running else set()):
-        found = True
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if time.monotonic() > deadline:
-            raise ContainerError(f"container {name!r}: pids {sorted(pids)} survive SIGKILL")
-        time.sleep(0.01)
+    if c is not None and c.running and c.pid not in cgroupfs.tasks(cgroup_paths(name).values()):
+        os.kill(c.pid, signal.SIGKILL)  # recorded but moved out of its cgroups
+    try:
+        found = cgroupfs.kill_tasks(cgroup_paths(name).values(), f"container {name!r}", timeout)
+    except RuntimeError as exc:
+        raise ContainerError(str(exc)) from None
     remove_cgroups(name)
     forget(name)
-    return found
-
-
-def _tasks(paths) -> set[int]:
-    found: set[int] = set()
-    for path in paths:
-        if not path.is_dir():
-            continue
-        for d, _, _ in os.walk(path):
-            try:
-                found.update(int(p) for p in (Path(d) / "cgroup.procs").read_text().split())
-            except (FileNotFoundError, ValueError):
-                pass
-    return found
-
-
-def _thaw_below(path: Path) -> None:
-    if not path.is_dir():
-        return
-    for d, _, _ in os.walk(path):
-        for f, value in (("freezer.state", "THAWED"), ("cgroup.freeze", "0")):
-            p = Path(d) / f
-            if p.exists():
-                try:
-                    p.write_text(value)
-                except OSError:
-                    pass
+    return found or bool(c and c.running)

@@ -22,13 +22,14 @@ def sh(node: str, script: str, *args: str, timeout: float = 120, check: bool = T
 class Ticker:
     """A memsnap.ticker container in a node, followed wherever it moves."""
 
-    def __init__(self, node: str, mib: int = 32, rate: float = 200.0, wrap: str = ""):
+    def __init__(self, node: str, mib: int = 32, rate: float = 200.0, wrap: str = "", prefix: list[str] = ()):
         self.name = f"t-{uuid.uuid4().hex[:8]}"
         self.report = f"/tmp/{self.name}.json"
         self.node = node
         cmd = ["python3", "-m", "memsnap.ticker", "--mib", str(mib), "--rate", str(rate), "--report", self.report]
         if wrap:  # e.g. "exec 3</tmp/x;": a shell sets something up, then becomes the ticker
             cmd = ["sh", "-c", wrap + ' exec "$@"', "sh", *cmd]
+        cmd = [*prefix, *cmd]  # e.g. a program that sets something up, then execs the ticker
         out = nodes.run(node, ["memsnap", "containers", "run", "--name", self.name, "--", *cmd],
                       capture_output=True, text=True, timeout=60)
         assert out.returncode == 0, out.stderr

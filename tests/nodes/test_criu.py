@@ -59,3 +59,12 @@ def test_criu_dumps_and_restores_a_process_with_memory_intact(cli, local_nodes):
         pytest.fail(f"dump/restore failed: {proc.stderr}\n{logs.stdout}")
     before, after = proc.stdout.split()
     assert before == after and len(before) == 64
+
+
+def test_the_node_runs_memsnaps_criu_build(cli, local_nodes):
+    """node-agent/criu's build is installed over Debian's binary (kept aside, diverted)."""
+    proc = cli("exec", "node-1", "--", "sh", "-c",
+               "criu --help; dpkg-divert --list /usr/sbin/criu; test -x /usr/sbin/criu.debian")
+    assert proc.returncode == 0, proc.stderr
+    assert "--track-mem-uffd" in proc.stdout
+    assert "diversion of /usr/sbin/criu to /usr/sbin/criu.debian" in proc.stdout

@@ -1,10 +1,12 @@
 """Pod names, namespaces, labels and container names from the Kubernetes API (this node's pods
-only), when the agent has a kubeconfig or runs in a cluster; and the pod selection rules."""
+only, listed then watched), when the agent has a kubeconfig or runs in a cluster; and the pod
+selection rules."""
 from __future__ import annotations
 
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 
 from .config import Selection
@@ -23,31 +25,74 @@ class PodMeta:
 
 
 class PodDirectory:
-    """Lists this node's pods from the API server; `lookup` answers from the last listing."""
+    """This node's pods from the API server: listed once, then kept current by a watch (like a
+    DaemonSet's informer); `lookup` answers from what it holds."""
+
+    WATCH_SECONDS = 240  # the server ends each watch after this; we resume from the last version
+    RETRY_SECONDS = 2.0
 
     def __init__(self, kubeconfig: str, node_name: str):
         self.node_name = node_name
         self.api = _connect(kubeconfig)
         self.pods: dict[str, PodMeta] = {}
-        self.error = ""  # the last listing's failure, "" when it worked
+        self.error = ""  # the last listing's or watch's failure, "" when it worked
+        self.resource_version = ""  # where the watch resumes; "" = list first
 
     @property
     def available(self) -> bool:
         return self.api is not None
 
     def refresh(self) -> None:
-        """Blocking: run it off the event loop."""
+        """List this node's pods (blocking: run it off the event loop)."""
         if self.api is None:
             return
         try:
             listing = self.api.list_pod_for_all_namespaces(
                 field_selector=f"spec.nodeName={self.node_name}", _request_timeout=10)
         except Exception as exc:  # an unreachable API must not stop tracking: keep the last list
-            self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            log.warning("pod listing failed", extra={"error": self.error})
+            self._failed("pod listing failed", exc)
             return
         self.pods = {p.metadata.uid: _meta(p) for p in listing.items}
+        self.resource_version = listing.metadata.resource_version or ""
         self.error = ""
+
+    def watch(self, stop: threading.Event) -> None:
+        """Apply pod events until stop is set (blocking: run it in a thread of its own). After a
+        failure or an expired version it lists again, so nothing is missed between watches."""
+        from kubernetes import watch
+        while not stop.is_set():
+            if not self.resource_version:
+                self.refresh()
+                if not self.resource_version:
+                    stop.wait(self.RETRY_SECONDS)
+                    continue
+            try:
+                for event in watch.Watch().stream(
+                        self.api.list_pod_for_all_namespaces, field_selector=f"spec.nodeName={self.node_name}",
+                        resource_version=self.resource_version, timeout_seconds=self.WATCH_SECONDS,
+                        _request_timeout=self.WATCH_SECONDS + 10):
+                    if stop.is_set():
+                        return
+                    self._apply(event["type"], event["object"])
+            except Exception as exc:  # 410 Gone, a dropped connection, an API restart: list again
+                self._failed("pod watch failed", exc)
+                self.resource_version = ""
+                stop.wait(self.RETRY_SECONDS)
+
+    def _apply(self, kind: str, pod) -> None:
+        if kind == "ERROR":  # the server said the version is too old
+            self.resource_version = ""
+            return
+        self.resource_version = pod.metadata.resource_version or self.resource_version
+        if kind == "DELETED":
+            self.pods.pop(pod.metadata.uid, None)
+        elif kind in ("ADDED", "MODIFIED"):
+            self.pods = {**self.pods, pod.metadata.uid: _meta(pod)}  # readers see old or new, whole
+        self.error = ""
+
+    def _failed(self, what: str, exc: Exception) -> None:
+        self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        log.warning(what, extra={"error": self.error})
 
     def lookup(self, uid: str) -> PodMeta | None:
         return self.pods.get(uid)

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import logging
 import socket
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -98,12 +99,14 @@ async def _background(app: web.Application):
     if state.directory.available:  # names before the first cycle, so selection can apply
         await asyncio.to_thread(state.directory.refresh)
     task = asyncio.create_task(_cycles(app))
-    meta = asyncio.create_task(_refresh_directory(app)) if state.directory.available else None
+    stop_watch = threading.Event()
+    if state.directory.available:  # a daemon thread: a watch blocked on the network must not hold up shutdown
+        threading.Thread(target=state.directory.watch, args=(stop_watch,), name="memsnap-pod-watch",
+                         daemon=True).start()
     yield
-    for t in (task, meta):
-        if t:
-            t.cancel()
-    await asyncio.gather(*(t for t in (task, meta) if t), return_exceptions=True)
+    stop_watch.set()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
     # The worker may be mid-round: stop_all queues behind it, so targets end clean.
     await loop.run_in_executor(worker, pool.stop_all)
     worker.shutdown(wait=True)
@@ -129,13 +132,6 @@ async def _cycles(app: web.Application) -> None:
         if next_due < now:  # overran: skip the missed slots instead of bunching cycles
             next_due = now + cfg.interval
         await asyncio.sleep(next_due - now)
-
-
-async def _refresh_directory(app: web.Application) -> None:
-    directory = app[STATE].directory
-    while True:
-        await asyncio.sleep(app[CFG].interval)
-        await asyncio.to_thread(directory.refresh)
 
 
 # Open endpoints

@@ -31,11 +31,11 @@ def frozen_by_us(root: int) -> Freezer | None:
 
 def own_cgroup(root: int) -> Freezer:
     """A freezer cgroup holding exactly root and its descendants."""
+    mine = frozen_by_us(root)
+    if mine is not None:
+        return mine
     base, v2, kind = _freezer_mount()
-    here = base / cgroupfs.membership(root).get(kind, "/").lstrip("/")
-    if here.name == f"memsnap-{root}":
-        return Freezer(here, v2)
-    path = here / f"memsnap-{root}"
+    path = base / cgroupfs.membership(root).get(kind, "/").lstrip("/") / f"memsnap-{root}"
     path.mkdir(exist_ok=True)
     for pid in [root] + procfs.descendants(root):
         try:

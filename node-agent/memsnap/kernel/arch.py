@@ -55,7 +55,7 @@ X86_64 = Arch(
     name="x86_64",
     syscall_insn=b"\x0f\x05",
     nr={"close": 3, "kcmp": 312, "userfaultfd": 323, "pidfd_open": 434, "pidfd_getfd": 438,
-        "process_madvise": 440, "process_vm_readv": 310, "pivot_root": 155},
+        "process_madvise": 440, "process_vm_readv": 310, "pivot_root": 155, "madvise": 28},
     regs_type=UserRegsX86_64,
 )
 
@@ -63,7 +63,7 @@ AARCH64 = Arch(
     name="aarch64",
     syscall_insn=(0xD4000001).to_bytes(4, "little"),  # svc #0
     nr={"close": 57, "kcmp": 272, "userfaultfd": 282, "pidfd_open": 434, "pidfd_getfd": 438,
-        "process_madvise": 440, "process_vm_readv": 270, "pivot_root": 41},
+        "process_madvise": 440, "process_vm_readv": 270, "pivot_root": 41, "madvise": 233},
     regs_type=None,
 )
 

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 TARGET = web.AppKey("migration_target", Target)
 CONTEXT = web.AppKey("migration_context", object)
 DEFAULT_PORT = 9650
+PEER_SILENCE = 15.0  # s without a byte from the target: the link is gone (then retried, then rolled back)
 
 
 class MigrationContext:
@@ -160,7 +161,7 @@ async def _run_streamed(request, ctx, pid, host, port, policy) -> web.StreamResp
     req = Request(pid, host, "", policy)
     req.base_url = f"https://{host}:{port}/api/v1/incoming/{req.id}"
     connector = aiohttp.TCPConnector(ssl=ctx.client_ssl)
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=60)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=PEER_SILENCE)
     headers = {"X-Memsnap-Node": ctx.node}
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as session:
         await emit({"event": "start", "id": req.id, "pid": pid, "source_node": ctx.node, "target_node": host})

@@ -29,7 +29,10 @@ async def migrate(agent: str, body: dict, files: pki.TlsFiles | None = None) -> 
         raise ClientError(f"{exc} (is this a memsnap node with its certificate?)") from None
     async with client:
         try:
-            async with client.request("POST", "/api/v1/migrations", json=body) as resp:
+            # No read timeout: a round may be silent for long (a slow link); the agent ends the
+            # stream with "done" or "error" whatever happens.
+            async with client.request("POST", "/api/v1/migrations", json=body,
+                                      timeout=aiohttp.ClientTimeout(total=None, sock_connect=10)) as resp:
                 if resp.status >= 400:
                     raise ClientError(await _reason(resp))
                 async for line in resp.content:

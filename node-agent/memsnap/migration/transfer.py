@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -79,8 +80,8 @@ async def _send_file(session, url: str, path: Path, limiter: RateLimiter, retrie
             if held == size:
                 return sent
             offset = held or 0  # None: nothing yet (an empty file is still sent, to exist there)
-            async with session.put(url, params={"offset": str(offset)},
-                                   data=_chunks(path, offset, limiter)) as resp:
+            async with session.put(url, params={"offset": str(offset)}, data=_chunks(path, offset, limiter),
+                                   headers={"Content-Length": str(size - offset)}) as resp:
                 await _check(resp)
             sent += size - offset
             return sent
@@ -144,26 +145,69 @@ def held(root: Path, layer: str, name: str) -> int | None:
         return None
 
 
+_running: dict[str, "hashlib._Hash"] = {}  # path -> sha256 of what it holds, as it was received
+
+
 async def receive_file(root: Path, layer: str, name: str, offset: int, content) -> int:
-    """Append a streamed body at offset (which must be where our copy ends). Returns the size."""
+    """Append a streamed body at offset (which must be where our copy ends). Returns the size.
+
+    Writing and hashing run in a worker thread, one chunk behind the socket: on two cores
+    the event loop decrypts the next chunk while the last one is hashed and written, and the
+    sha256 the commit checks is ready without reading the file again.
+    """
     d = partial_dir(root, layer)
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = d / name
     have = held(root, layer, name) or 0
     if offset != have:
         raise TransferError(f"{name}: offset {offset} does not match the {have} bytes held")
+    digest = _running.pop(str(path), None)
+    if digest is None or have:  # resuming: hash what an interrupted upload left
+        digest = _hash_file(path) if have else hashlib.sha256()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    loop = asyncio.get_running_loop()
+    pending = None
     try:
         os.fchmod(fd, 0o600)  # process memory: root-only, whoever made the file
         async for chunk in content.iter_chunked(CHUNK):
-            _write_all(fd, chunk)
+            if pending is not None:
+                await pending
+            pending = loop.run_in_executor(None, _write_and_hash, fd, digest, chunk)
+        if pending is not None:
+            await pending
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             raise NoSpace(f"no space left on the target writing {layer}/{name}") from None
         raise
     finally:
+        if pending is not None and not pending.done():
+            await asyncio.wait([pending])
         os.close(fd)
-    return path.stat().st_size
+    size = path.stat().st_size
+    _running[str(path)] = digest
+    return size
+
+
+def _write_and_hash(fd: int, digest, data: bytes) -> None:
+    _write_all(fd, data)
+    digest.update(data)
+
+
+def _hash_file(path: Path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK):
+            h.update(chunk)
+    return h
+
+
+def _digest(path: Path) -> dict:
+    """The file's sha256 and size: from the receive when it covered the whole file."""
+    running = _running.pop(str(path), None)
+    size = path.stat().st_size
+    if running is None:
+        return file_digest(path)
+    return {"sha256": running.hexdigest(), "size": size}
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -185,7 +229,7 @@ def commit_layer(root: Path, layer: str, manifest_json: str, known_layers: set[s
         path = d / name
         if "/" in name or not path.exists():
             raise TransferError(f"{layer}/{name} was not received")
-        if file_digest(path) != want:
+        if _digest(path) != want:
             raise TransferError(f"{layer}/{name} does not match its sha256 in the manifest")
     if manifest.parent is not None:
         parent = manifest.parent.removeprefix("../")

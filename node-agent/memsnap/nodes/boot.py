@@ -93,7 +93,7 @@ def mount_cgroups(target: Path, kinds: list[str]) -> None:
         return
     mount("tmpfs", target, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=755")
     for kind in kinds:
-        sub = target / ("unified" if kind == "cgroup2" else kind)
+        sub = target / ("unified" if kind == "cgroup2" else kind.removeprefix("name="))
         sub.mkdir()
         if kind == "cgroup2":
             mount("cgroup2", sub, "cgroup2", MS_NOSUID | MS_NODEV | MS_NOEXEC)

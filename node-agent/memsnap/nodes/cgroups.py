@@ -7,15 +7,14 @@ in each.
 """
 from __future__ import annotations
 
-import errno
 import os
-import signal
-import time
 from pathlib import Path
 
 from memsnap import cgroupfs
 
-V1_CONTROLLERS = ("freezer", "memory", "pids", "cpu")
+# freezer, memory, pids: freezing and accounting a node. The rest: a kubelet in the node
+# (`memsnap cluster`) insists on cpu, cpuacct, cpuset and name=systemd too, and runc uses devices.
+V1_CONTROLLERS = ("freezer", "memory", "pids", "cpu", "cpuacct", "cpuset", "devices", "name=systemd")
 
 
 def hierarchies() -> dict[str, Path]:
@@ -28,9 +27,19 @@ def paths(name: str) -> dict[str, Path]:
 
 def create(name: str) -> dict[str, Path]:
     made = paths(name)
-    for path in made.values():
+    for kind, path in made.items():
+        if kind == "cpuset":  # a new cpuset starts empty and takes no task: inherit the parent's
+            _mkdir_cpuset(path)
         path.mkdir(parents=True, exist_ok=True)
     return made
+
+
+def _mkdir_cpuset(path: Path) -> None:
+    for d in (path.parent, path):
+        d.mkdir(exist_ok=True)
+        for knob in ("cpuset.cpus", "cpuset.mems"):
+            if not (d / knob).read_text().strip():
+                (d / knob).write_text((d.parent / knob).read_text())
 
 
 def join(name: str, pid: int = 0) -> None:
@@ -40,23 +49,9 @@ def join(name: str, pid: int = 0) -> None:
             (path / "cgroup.procs").write_text(f"{pid or os.getpid()}\n")
 
 
-def _subtree(path: Path) -> list[Path]:
-    """path and every cgroup below it (tools in the node may make their own), deepest first."""
-    if not path.is_dir():
-        return []
-    return [Path(d) for d, _, _ in os.walk(path, topdown=False)]
-
-
 def pids(name: str) -> set[int]:
     """Every task in the node's cgroups, sub-cgroups included."""
-    found: set[int] = set()
-    for path in paths(name).values():
-        for cg in _subtree(path):
-            try:
-                found.update(int(p) for p in (cg / "cgroup.procs").read_text().split())
-            except FileNotFoundError:
-                pass
-    return found
+    return cgroupfs.tasks(paths(name).values())
 
 
 def freeze(name: str, timeout: float = 10.0) -> None:
@@ -70,55 +65,19 @@ def freeze(name: str, timeout: float = 10.0) -> None:
 
 def thaw(name: str) -> None:
     """Undo freeze(), also of sub-cgroups frozen from inside the node (frozen tasks cannot even die)."""
-    controls = {"freezer": ("freezer.state", "THAWED"), "cgroup2": ("cgroup.freeze", "0")}
-    for kind, path in paths(name).items():
-        if kind not in controls:
-            continue
-        control, value = controls[kind]
-        for cg in reversed(_subtree(path)):  # top-down
-            try:
-                (cg / control).write_text(value + "\n")
-            except FileNotFoundError:
-                pass
+    cgroupfs.thaw_all(paths(name).values())
 
 
 def kill_all(name: str, timeout: float = 10.0) -> None:
     """SIGKILL every task in the node's cgroups and wait until they are gone."""
-    thaw(name)
-    deadline = time.monotonic() + timeout
-    while True:
-        left = pids(name)
-        if not left:
-            return
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"cgroup of {name} still has tasks {sorted(left)} after SIGKILL")
-        time.sleep(0.05)
+    cgroupfs.kill_tasks(paths(name).values(), f"cgroup of {name}", timeout)
 
 
 def remove(name: str) -> None:
     """Remove the node's (empty) cgroups, sub-cgroups first."""
     for path in paths(name).values():
-        for cg in _subtree(path):
-            _rmdir(cg)
+        for cg in cgroupfs.subtree(path):
+            cgroupfs.rmdir(cg)
         parent = path.parent
         if parent.is_dir() and not any(p.is_dir() for p in parent.iterdir()):
-            _rmdir(parent)  # the shared memsnap/ directory goes with the last node
-
-
-def _rmdir(path: Path) -> None:
-    for _ in range(50):
-        try:
-            path.rmdir()
-            return
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            if exc.errno == errno.EBUSY:  # dying tasks still charged: retry briefly
-                time.sleep(0.05)
-                continue
-            raise
+            cgroupfs.rmdir(parent)  # the shared memsnap/ directory goes with the last node

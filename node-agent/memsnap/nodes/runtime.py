@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from memsnap import cgroupfs
 from memsnap.nodes import cgroups, image, net
 from memsnap.nodes.image import Log
 
@@ -292,19 +293,8 @@ def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def join_cgroup_fn(name: str):
-    """A preexec_fn putting the child into the node's cgroups (only os calls: safe after fork)."""
-    targets = [str(p / "cgroup.procs") for p in cgroups.paths(name).values()]
-
-    def join() -> None:
-        pid = str(os.getpid()).encode()
-        for t in targets:
-            fd = os.open(t, os.O_WRONLY)
-            try:
-                os.write(fd, pid)
-            finally:
-                os.close(fd)
-
-    return join
+    """A preexec_fn putting the child into the node's cgroups."""
+    return cgroupfs.join_fn(cgroups.paths(name).values())
 
 
 def popen(name: str, argv: Sequence[str], env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:

@@ -124,15 +124,15 @@ class UffdWp(Backend):
         CRIU takes a write-protected page as clean and expects the parent to hold it, so the
         protection is dropped where that is not so: pages the parent lacks (collected but never
         saved, or not in the baseline) and protection markers, which read as swapped but hold
-        no data (never-populated pages, and discarded ones whose old data the parent must not
-        bring back). Nothing is re-protected: CRIU sees every write since the last layer.
+        no data (never-populated pages; in shared and file mappings also discarded ones, whose
+        old data the parent must not bring back). Nothing is re-protected: CRIU sees every
+        write since the last layer.
         """
         tracked = self.tracked_ranges()
-        categories = PAGE_IS_PRESENT | PAGE_IS_SWAPPED
-        regions = [r for start, end in tracked for r in self._scanner.scan(
-            start, end, anyof_mask=categories, return_mask=categories | PAGE_IS_WRITTEN)]
-        with_data = PageRanges((s, e) for s, e, _ in regions)
-        swapped_clean = PageRanges((s, e) for s, e, c in regions if c & PAGE_IS_SWAPPED and not c & PAGE_IS_WRITTEN)
+        with_data = self.pages_with(self._scanner, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, tracked)
+        swapped_clean = PageRanges((s, e) for start, end in tracked for s, e, _ in self._scanner.scan(
+            start, end, category_mask=PAGE_IS_SWAPPED | PAGE_IS_WRITTEN, inverted=PAGE_IS_WRITTEN,
+            return_mask=PAGE_IS_SWAPPED))
         drop = self._pending.union(with_data.difference(holds), self._markers(swapped_clean.intersection(holds)))
         mapped = PageRanges((m.start, m.end) for m in procfs.read_maps(self.pid))
         for start, end in drop.intersection(tracked).intersection(mapped):

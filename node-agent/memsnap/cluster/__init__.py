@@ -1,0 +1,1 @@
+"""A real Kubernetes 1.20 cluster on memsnap's local nodes, without Docker (`memsnap cluster`)."""
