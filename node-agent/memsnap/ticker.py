@@ -61,6 +61,8 @@ def main() -> None:
     p.add_argument("--mib", type=int, default=64)
     p.add_argument("--rate", type=float, default=100.0,
                    help="pages written per second (0: as fast as it can, ~0.9 ms of writing per tick)")
+    p.add_argument("--cost-us", type=float, default=0.0,
+                   help="with --rate 0: CPU time spent per page written (a workload that computes between writes)")
     p.add_argument("--report", default="/tmp/ticker.json")
     args = p.parse_args()
     memory = Memory(args.mib)
@@ -80,8 +82,8 @@ def main() -> None:
                 memory.write_next()
         else:  # CPU-bound: what it dirties is what the CPU it gets allows (auto-converge's case)
             while time.time() - now < 0.0009:
-                for _ in range(64):
-                    memory.write_next()
+                memory.write_next()
+                _spin(args.cost_us / 1e6)
         if wanted["reset"]:
             wanted["reset"], longest = False, 0.0
         if wanted["check"]:
@@ -91,6 +93,12 @@ def main() -> None:
                                   "pages": memory.pages, "longest_gap_ms": round(longest * 1000, 2),
                                   "host": socket.gethostname(), "pid": os.getpid()})
             last = time.time()  # the check itself is not a pause
+
+
+def _spin(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 def _report(path: str, data: dict) -> None:
