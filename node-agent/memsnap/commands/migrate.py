@@ -48,7 +48,7 @@ def run(args) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     body = {"pid": args.pid, "to": args.to, **policy.__dict__}
-    agent = args.agent or f"{socket.gethostname()}:9650"
+    agent = args.agent or socket.gethostname()  # this node's agent, on the agents' port
     try:
         return asyncio.run(_stream(client, agent, body, args.json))
     except client.ClientError as exc:

@@ -26,6 +26,7 @@ from aiohttp import web
 
 from .. import pki, procfs
 from ..agent import auth
+from .client import split_agent
 from .planner import Policy
 from . import source
 from .source import MigrationError, Request, SourceMigration
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 TARGET = web.AppKey("migration_target", Target)
 CONTEXT = web.AppKey("migration_context", object)
-DEFAULT_PORT = 9650
 PEER_SILENCE = 15.0  # s without a byte from the target: the link is gone (then retried, then rolled back)
 
 
@@ -107,7 +107,7 @@ async def start_migration(request: web.Request) -> web.StreamResponse:
     problem = _refuse(ctx, pid, to)
     if problem:
         return _error(*problem)
-    host, port = _split_target(to)
+    host, port = split_agent(to)
     ctx.busy.add(pid)
     try:
         return await _run_streamed(request, ctx, pid, host, port, policy)
@@ -116,7 +116,7 @@ async def start_migration(request: web.Request) -> web.StreamResponse:
 
 
 def _refuse(ctx: MigrationContext, pid: int, to: str) -> tuple[int, str] | None:
-    host, _ = _split_target(to)
+    host, _ = split_agent(to)
     if pid <= 1 or not procfs.alive(pid):
         return 404, f"no process with pid {pid} on {ctx.node}"
     if pid in ctx.busy:
@@ -128,13 +128,6 @@ def _refuse(ctx: MigrationContext, pid: int, to: str) -> tuple[int, str] | None:
     except socket.gaierror:
         return 400, f"unknown node {host!r}: it does not resolve on {ctx.node}"
     return None
-
-
-def _split_target(to: str) -> tuple[str, int]:
-    host, sep, port = to.rpartition(":")
-    if sep and port.isdigit():
-        return host, int(port)
-    return to, DEFAULT_PORT
 
 
 def _same_host(host: str, node: str) -> bool:
@@ -158,8 +151,7 @@ async def _run_streamed(request, ctx, pid, host, port, policy) -> web.StreamResp
     def still_wanted() -> bool:
         return request.transport is not None and not request.transport.is_closing()
 
-    req = Request(pid, host, "", policy)
-    req.base_url = f"https://{host}:{port}/api/v1/incoming/{req.id}"
+    req = Request(pid, host, port, policy)
     connector = aiohttp.TCPConnector(ssl=ctx.client_ssl)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=PEER_SILENCE)
     headers = {"X-Memsnap-Node": ctx.node}

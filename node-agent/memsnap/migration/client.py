@@ -7,14 +7,15 @@ from typing import AsyncIterator
 import aiohttp
 
 from .. import pki
-from ..agent.client import PORT, AgentClient, AgentError, _ssl_reason
+from ..agent.client import PORT, AgentClient, _ssl_reason
 
 
 class ClientError(Exception):
     """The agent could not be asked; the message says which and why."""
 
 
-def split(agent: str) -> tuple[str, int]:
+def split_agent(agent: str) -> tuple[str, int]:
+    """NODE[:PORT] -> (NODE, PORT), the agents' port when none is given."""
     host, sep, port = agent.rpartition(":")
     return (host, int(port)) if sep and port.isdigit() else (agent, PORT)
 
@@ -22,7 +23,7 @@ def split(agent: str) -> tuple[str, int]:
 async def migrate(agent: str, body: dict, files: pki.TlsFiles | None = None) -> AsyncIterator[dict]:
     """Start a migration on agent (NODE[:PORT]) and yield its events as they come. Inside a
     node the node's own certificate is the caller; elsewhere pass an identity's files."""
-    host, port = split(agent)
+    host, port = split_agent(agent)
     try:
         client = AgentClient(host, port, files=files) if files else AgentClient.in_node(host, port)
     except (pki.PkiError, OSError) as exc:
@@ -52,5 +53,3 @@ async def _reason(resp: aiohttp.ClientResponse) -> str:
     except (aiohttp.ContentTypeError, ValueError):
         return f"{resp.status} {resp.reason}"
 
-
-__all__ = ["ClientError", "AgentError", "migrate"]

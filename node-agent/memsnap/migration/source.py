@@ -13,9 +13,7 @@ import asyncio
 import concurrent.futures
 import json
 import logging
-import os
 import shutil
-import signal
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -25,9 +23,9 @@ from typing import Awaitable, Callable
 import aiohttp
 
 from .. import cgroupfs, containers, procfs
-from ..checkpoint import criu, final, precopy
-from ..checkpoint.freezer import FreezeError, frozen_by_us, own_cgroup
-from ..images.layer import LayerError, read_manifest
+from ..checkpoint import final, precopy
+from ..checkpoint.freezer import FreezeError, frozen_by_us
+from ..images.layer import read_manifest
 from ..tracking import TrackingError, VmaSelection, registry
 from . import throttle, transfer
 from .planner import Decision, Planner, Policy, Round
@@ -50,20 +48,14 @@ class MigrationError(Exception):
 class Request:
     pid: int
     target: str  # node name
-    base_url: str  # https://NODE:PORT/api/v1/migrations/ID on the target
+    port: int  # of the target's agent
     policy: Policy
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
-
-@dataclass
-class Pause:
-    """Where the pause went, in seconds (freeze to running on the target)."""
-
-    phases: dict[str, float] = field(default_factory=dict)
-
     @property
-    def total(self) -> float:
-        return sum(self.phases.values())
+    def base_url(self) -> str:
+        """This migration on the target's agent."""
+        return f"https://{self.target}:{self.port}/api/v1/incoming/{self.id}"
 
 
 class SourceMigration:
@@ -77,7 +69,6 @@ class SourceMigration:
         self.worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"memsnap-mig-{req.id}")
         self.limiter = transfer.RateLimiter(req.policy.bandwidth_bytes_s)
         self.throttle: throttle.Throttle | None = None
-        self.frozen = False
         self.created_on_target = False
         self.layers: list[Path] = []
         self.transferred = 0
@@ -155,8 +146,7 @@ class SourceMigration:
 
     async def _pause_and_hand_over(self) -> dict:
         self._check_wanted()
-        pause = Pause()
-        self.frozen = True  # from here on a failure must thaw
+        pause: dict[str, float] = {}  # where it went, seconds, from the freeze to running there
         marks: dict[str, float] = {}
         t0 = time.monotonic()
         parent = self.layers[-1] if self.layers else None  # none: stop-and-copy
@@ -164,25 +154,25 @@ class SourceMigration:
                                      VmaSelection(), True, lambda: marks.setdefault("frozen", time.monotonic()))
         frozen_at = marks.get("frozen", t0)
         m = read_manifest(layer)
-        pause.phases.update(m.phases)
-        pause.phases["write layer"] = round(time.monotonic() - frozen_at - sum(m.phases.values()), 6)
+        pause.update(m.phases)
+        pause["write layer"] = round(time.monotonic() - frozen_at - sum(m.phases.values()), 6)
         t = time.monotonic()
         sent = await transfer.send_layer(self.session, self.req.base_url, layer, self.limiter)
         self.transferred += sent.bytes
-        pause.phases["transfer"] = round(time.monotonic() - t, 6)
+        pause["transfer"] = round(time.monotonic() - t, 6)
         self._check_wanted()
         t = time.monotonic()
         restored = await _call(self.session, "POST", f"{self.req.base_url}/restore", {"layer": "final"})
         running_at = time.monotonic()
-        pause.phases["restore"] = restored.get("restore_seconds", 0.0)
-        pause.phases["until running"] = round(running_at - t - pause.phases["restore"], 6)
+        pause["restore"] = restored.get("restore_seconds", 0.0)
+        pause["until running"] = round(running_at - t - pause["restore"], 6)
         committed = await self._commit()
         await self._end_source()
         downtime = running_at - frozen_at
         _record_fixed_cost(m.phases, restored)
         return {"event": "done", "target_node": self.req.target, "target_pid": restored["pid"],
                 "downtime_ms": round(downtime * 1000, 1), "final_layer_bytes": sent.bytes,
-                "pause_phases": {k: round(v * 1000, 1) for k, v in pause.phases.items()},
+                "pause_phases": {k: round(v * 1000, 1) for k, v in pause.items()},
                 "lazy_pages": restored.get("lazy_pages", 0), "fill_seconds": committed.get("fill_seconds")}
 
     async def _commit(self) -> dict:
@@ -208,7 +198,6 @@ class SourceMigration:
         raise MigrationError(f"could not commit the hand-over to {self.req.target}: {first}")
 
     async def _end_source(self) -> None:
-        self.frozen = False
         await self._blocking(_end_tree, self.root, self.starttime, self.container)
         shutil.rmtree(self.out, ignore_errors=True)
 
@@ -278,20 +267,14 @@ def _restore_source(root: int, starttime: int, thr: "throttle.Throttle | None") 
 
 
 def _end_tree(root: int, starttime: int, container: str) -> None:
+    """End the frozen source copy: the container, or the freezer cgroup final.write left it in."""
     if container:
         containers.stop(container)
         return
-    freezer = own_cgroup(root) if procfs.alive(root, starttime) else None
-    for pid in [root] + procfs.descendants(root):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    freezer = frozen_by_us(root) if procfs.alive(root, starttime) else None
     if freezer is not None:
-        freezer.thaw()
-        while procfs.alive(root, starttime):
-            time.sleep(0.01)
-        freezer.remove()
+        cgroupfs.kill_tasks([freezer.path], f"pid {root}'s tree")
+        cgroupfs.rmdir(freezer.path)
 
 
 def _fixed_cost() -> float:
@@ -325,5 +308,3 @@ async def _call(session: aiohttp.ClientSession, method: str, url: str, body: dic
                                  f"{data.get('error') or resp.reason}")
         return data
 
-
-__all__ = ["MigrationError", "Request", "SourceMigration", "OUTGOING", "criu", "LayerError"]

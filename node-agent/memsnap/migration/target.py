@@ -27,7 +27,6 @@ from pathlib import Path
 from .. import cgroupfs, containers, procfs
 from ..checkpoint import criu, lazy
 from ..checkpoint import restore as chain_restore
-from ..images import chain
 from . import transfer
 
 log = logging.getLogger(__name__)
@@ -121,7 +120,8 @@ class Target:
 
     def create(self, mig_id: str, source: str, container: str, argv: list[str], memory_bytes: int) -> Incoming:
         _check(ID, mig_id, "migration id")
-        containers.check_name(container) if container else None
+        if container:
+            containers.check_name(container)
         if mig_id in self.active:
             raise TargetError(f"migration {mig_id} already exists", 409)
         running = containers.load(container) if container else None
@@ -310,10 +310,7 @@ def _received_chain(layer: Path) -> Path:
     page reference, which cost time in proportion to memory, during the pause: every file was
     checked against its manifest on receipt, and a page the chain lacks fails CRIU's restore or
     the background fill, which rolls the migration back."""
-    layers = chain.load(layer, verify=False)
-    if layers[0].manifest.kind != "final":
-        raise chain_restore.LayerError(f"{layer} is a pre-copy layer: restore needs a final one")
-    return layers[0].dir
+    return chain_restore.verify(layer, thorough=False)[0].dir
 
 
 def _restore_lazy(newest: Path, pidfile: Path, work: Path, preexec) -> tuple[int, Fill]:

@@ -13,14 +13,13 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
-from ..images.layer import MANIFEST, LayerError, Manifest, file_digest, read_manifest
+from ..images.layer import MANIFEST, Manifest, file_digest, read_manifest
 
 CHUNK = 1 << 20
 RETRIES = 5
@@ -254,10 +253,3 @@ def _fsync_tree(d: Path) -> None:
         finally:
             os.close(fd)
 
-
-def remove_tree(root: Path) -> None:
-    shutil.rmtree(root, ignore_errors=True)
-
-
-__all__ = ["TransferError", "NoSpace", "RateLimiter", "send_layer", "receive_file", "commit_layer",
-           "held", "remove_tree", "LayerError"]
