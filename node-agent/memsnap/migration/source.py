@@ -286,7 +286,9 @@ def _fixed_cost() -> float:
 
 def _record_fixed_cost(phases: dict[str, float], restored: dict) -> None:
     """State dump and restore, as measured: the next migration's planner predicts with it."""
-    fixed = phases.get("criu dump", 0.0) + phases.get("freeze", 0.0) + float(restored.get("restore_seconds", 0.0))
+    # With memsnap's CRIU the dump's state part is its own phase; otherwise the whole dump counts.
+    state = phases.get("criu state dump", phases.get("criu dump", 0.0))
+    fixed = state + phases.get("freeze", 0.0) + float(restored.get("restore_seconds", 0.0))
     try:
         COSTS.parent.mkdir(parents=True, exist_ok=True)
         COSTS.write_text(json.dumps({"fixed_seconds": round(fixed, 4), "measured": time.time()}))
