@@ -22,6 +22,7 @@ COMMANDS = [
     "memsnap.commands.cluster",
     "memsnap.commands.agent",
     "memsnap.commands.pki",
+    "memsnap.commands.operator",
     "memsnap.commands.demo",
 ]
 

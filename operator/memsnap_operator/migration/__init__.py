@@ -1,0 +1,1 @@
+"""The PodMigration's domain: checks, target choice, the target pod, the flow and its rollback."""
