@@ -18,10 +18,6 @@ from .migration.flow import Migration, Services
 REGISTRY = kopf.OperatorRegistry()
 
 
-def _in_flight(status: kopf.Status, **_: Any) -> bool:
-    return status.get("phase") not in FINAL
-
-
 @kopf.on.startup(registry=REGISTRY)
 async def configure(*, settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     config: OperatorConfig = memo["config"]
@@ -74,10 +70,13 @@ def _lock(memo: kopf.Memo, uid: str) -> asyncio.Lock:
     return memo["locks"].setdefault(uid, asyncio.Lock())
 
 
-@kopf.daemon(GROUP, VERSION, MIGRATIONS, id="migrate", when=_in_flight, cancellation_timeout=60,
-             registry=REGISTRY)
+# No `when` filter on the phase: kopf would cancel the daemon the moment it writes a final phase,
+# before its last Events are out. A finished PodMigration's daemon returns at once instead.
+@kopf.daemon(GROUP, VERSION, MIGRATIONS, id="migrate", cancellation_timeout=60, registry=REGISTRY)
 async def migrate(*, body: kopf.Body, uid: str, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
     """One per PodMigration in flight: runs it, or resumes it after an operator restart."""
+    if (body.get("status") or {}).get("phase") in FINAL:
+        return
     async with _lock(memo, uid):
         if stopped.is_set():
             return

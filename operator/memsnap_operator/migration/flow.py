@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import aiohttp
+
 from ..clients.agents import AgentError, Agents
 from ..clients.kube import Kube, KubeError
 from ..config import OperatorConfig
@@ -188,7 +190,10 @@ class Migration:
             await self.agents.start(node, await self._address(node), request)
         except AgentError as exc:
             if exc.status != 409:  # 409: it runs already (started before an operator restart)
-                raise Failure(f"the agent of {node} did not start the migration: {exc}") from None
+                # An answer, or no connection at all: nothing started there. A lost answer: abort.
+                never_started = exc.status is not None or isinstance(exc.__cause__, aiohttp.ClientConnectorError)
+                raise Failure(f"the agent of {node} did not start the migration: {exc}",
+                              agent_done=never_started) from None
         await self.rec.update(phase=PRECOPYING, message=f"pre-copying {self.ref.pod_name} to "
                               f"{self.rec.status['targetNode']}")
 
@@ -304,9 +309,16 @@ class Migration:
             try:
                 await self.agents.abort(node, await self._address(node), self.ref.uid)
                 return ""
-            except (AgentError, Failure) as exc:
+            except AgentError as exc:
+                if exc.status == 409:  # handed over meanwhile: the target holds the pod now
+                    info = await self.agents.get(node, await self._address(node), self.ref.uid)
+                    if info.get("phase") in HANDED:
+                        await self._hand_over(info)
+                        return "handed-over"
                 last = exc
-                await asyncio.sleep(2.0)
+            except Failure as exc:
+                last = exc
+            await asyncio.sleep(2.0)
         return (f"(the agent of {node} did not confirm the abort: {last}; the agents' own timeouts end "
                 f"their halves)")
 
