@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -20,7 +21,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from memsnap.cluster import worker
+from memsnap.cluster import oci, worker
 from memsnap.cluster.testing import BUSYBOX_IMAGE, Kubectl
 
 REPO = Path(__file__).resolve().parents[2]
@@ -37,6 +38,11 @@ needs_pod_engine = pytest.mark.skipif(not POD_ENGINE, reason="the nodes have no 
 
 # A workload whose state is in memory: a shell counter; its log shows where it was.
 COUNTER = ["sh", "-c", 'i=0; while :; do i=$((i+1)); echo "count=$i"; sleep 0.2; done']
+# The pod engine's test workload (one process, no children): a random token, MiB of data derived
+# from it and a counter, all in memory; each second it prints them with the longest pause it felt.
+COUNTER_SOURCE = REPO / "tests" / "podmigration" / "counter.c"
+COUNTER_IMAGE = "memsnap.local/counter:1"
+COUNTER_LINE = re.compile(r"^token=(\w+) count=(\d+) sum=(\w+) maxgap_ms=([\d.]+)$")
 
 
 def free_port() -> int:
@@ -66,6 +72,33 @@ def runtime_class(kubectl: Kubectl) -> Iterator[str]:
     yield handler
     if not existed:
         kubectl("delete", "runtimeclass", "memsnap", "--ignore-not-found")
+
+
+@pytest.fixture(scope="session")
+def counter_image(cluster, tmp_path_factory) -> str:
+    """COUNTER_IMAGE built statically from COUNTER_SOURCE and loaded into the nodes."""
+    if not COUNTER_SOURCE.exists():
+        pytest.skip(f"no {COUNTER_SOURCE.relative_to(REPO)} (the pod engine's workload) in this tree")
+    d = tmp_path_factory.mktemp("counter")
+    subprocess.run(["gcc", "-O2", "-static", "-o", str(d / "counter"), str(COUNTER_SOURCE)], check=True)
+    oci.write_docker_archive(d / "counter.tar", COUNTER_IMAGE, {"counter": d / "counter", "tmp": ("dir", 0o1777)},
+                             entrypoint=["/counter"])
+    cluster.load(d / "counter.tar")
+    return COUNTER_IMAGE
+
+
+def counter_pod(name: str, node: str, mib: int = 16) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": name, "namespace": "default", "labels": {"app": name}},
+            "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "main", "image": COUNTER_IMAGE, "imagePullPolicy": "Never",
+                                     "args": [str(mib)]}]}}
+
+
+def counter_lines(kubectl: Kubectl, pod: str) -> list[tuple[str, int, str, float]]:
+    """(token, count, checksum, longest pause in ms) for each line the counter printed."""
+    out = kubectl("logs", pod, check=False).stdout
+    return [(m[1], int(m[2]), m[3], float(m[4])) for m in map(COUNTER_LINE.match, out.splitlines()) if m]
 
 
 class Operator:
