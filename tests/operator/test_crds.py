@@ -35,6 +35,7 @@ def test_invalid_podmigrations_are_refused_naming_the_field(kubectl, crds, spec,
     proc = dry_run(kubectl, manifest)
     assert proc.returncode != 0, proc.stdout
     assert field in proc.stderr, proc.stderr
+    print(proc.stderr.strip())
 
 
 @pytest.mark.parametrize("spec, field", [

@@ -90,7 +90,7 @@ class Migration:
 
     async def deleted(self) -> None:
         """The PodMigration is being deleted: a migration in flight rolls back first."""
-        if self.rec.phase not in FINAL:
+        if self.rec.phase is not None and self.rec.phase not in FINAL:  # None: never started
             await self.roll_back("the PodMigration was deleted before the migration finished")
 
     async def _plan(self) -> bool:
