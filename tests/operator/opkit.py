@@ -53,11 +53,31 @@ def free_port() -> int:
 
 @pytest.fixture(scope="session")
 def crds(kubectl: Kubectl) -> Iterator[None]:
+    """This tree's CRDs (over the chart's, if it installed them: removed only if they were not there)."""
+    existed = kubectl("get", "crd", "podmigrations.memsnap.io", check=False).returncode == 0
     kubectl("apply", "-f", str(CRDS))
     kubectl("wait", "--for=condition=Established", "crd/podmigrations.memsnap.io", "crd/podcheckpoints.memsnap.io",
             "--timeout=60s")
     yield
-    kubectl("delete", "-f", str(CRDS), "--ignore-not-found", "--wait=true", timeout=120)
+    if not existed:
+        kubectl("delete", "-f", str(CRDS), "--ignore-not-found", "--wait=true", timeout=120)
+
+
+@pytest.fixture(scope="session")
+def no_chart_operator(kubectl: Kubectl) -> Iterator[None]:
+    """The tests run their own operator (flags, kill, restart); one installed by the chart would
+    act on the same PodMigrations, so it is scaled to 0 meanwhile and back afterwards."""
+    found = kubectl.json("get", "deployments", "--all-namespaces", "-l", "app.kubernetes.io/component=operator")
+    scaled = [(d["metadata"]["namespace"], d["metadata"]["name"], d["spec"].get("replicas", 1))
+              for d in found["items"] if d["spec"].get("replicas", 1)]
+    for namespace, name, _ in scaled:
+        kubectl("scale", "deployment", name, "-n", namespace, "--replicas=0")
+    for namespace, name, _ in scaled:
+        kubectl.wait_for(lambda: not kubectl.json("get", "deployment", name, "-n", namespace)["status"].get("replicas"),
+                         f"the chart's operator {namespace}/{name} to stop")
+    yield
+    for namespace, name, replicas in scaled:
+        kubectl("scale", "deployment", name, "-n", namespace, f"--replicas={replicas}")
 
 
 @pytest.fixture(scope="session")
@@ -156,7 +176,7 @@ class Operator:
 
 
 @pytest.fixture
-def operator(kubectl: Kubectl, crds, runtime_class, tmp_path: Path) -> Iterator[Callable[..., Operator]]:
+def operator(kubectl: Kubectl, crds, runtime_class, no_chart_operator, tmp_path: Path) -> Iterator[Callable[..., Operator]]:
     """start(*flags) -> a running operator; all stopped at the end (their log printed on failure)."""
     started: list[Operator] = []
 

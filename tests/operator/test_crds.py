@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from opkit import crds, operator, resources, runtime_class  # noqa: F401  (fixtures)
+from opkit import crds, no_chart_operator, operator, resources, runtime_class  # noqa: F401  (fixtures)
 from opkit import podmigration
 
 pytestmark = [pytest.mark.cluster]

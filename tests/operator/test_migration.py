@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from opkit import counter_image, crds, operator, resources, runtime_class  # noqa: F401  (fixtures)
+from opkit import counter_image, crds, no_chart_operator, operator, resources, runtime_class  # noqa: F401
 from opkit import EXAMPLES, COUNTER_IMAGE, counter_lines, counter_pod, events, get, needs_pod_engine, podmigration, \
     target_pods, wait_phase
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from opkit import crds, operator, resources, runtime_class  # noqa: F401  (fixtures)
+from opkit import crds, no_chart_operator, operator, resources, runtime_class  # noqa: F401  (fixtures)
 from opkit import busybox_pod, events, get, podmigration, target_pods, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from opkit import crds, operator, resources, runtime_class  # noqa: F401  (fixtures)
+from opkit import crds, no_chart_operator, operator, resources, runtime_class  # noqa: F401  (fixtures)
 from opkit import POD_ENGINE, busybox_pod, events, podmigration, target_pods, wait_phase
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
