@@ -17,7 +17,7 @@ from typing import Callable
 
 from memsnap import nodes
 from memsnap.filelock import locked
-from memsnap.cluster import api, controlplane, kubeconfig, state, worker
+from memsnap.cluster import api, chart, controlplane, kubeconfig, state, worker
 from memsnap.cluster import build as kbuild
 from memsnap.nodes import net
 from memsnap.nodes import runtime as nodes_runtime
@@ -63,8 +63,10 @@ def _stderr(msg: str) -> None:
 
 # ---- up ----------------------------------------------------------------------------------
 
-def up(count: int = 2, bare: bool = True, log: Log | None = None) -> Status:
-    """Start a cluster of `count` workers; AlreadyUp if a healthy one runs (a broken one is cleared)."""
+def up(count: int = 2, bare: bool = False, log: Log | None = None, wait_operator: bool | None = None) -> Status:
+    """Start a cluster of `count` workers with memsnap installed by its chart (bare: without);
+    AlreadyUp if a healthy one runs (a broken one is cleared). wait_operator=False: do not wait
+    for the operator's Deployment (None: wait if the checkout has the operator)."""
     log = log or _stderr
     limit = min(state.MAX_NODES, net.MAX_NODES)
     if not 1 <= count <= limit:
@@ -73,8 +75,8 @@ def up(count: int = 2, bare: bool = True, log: Log | None = None) -> Status:
     with locked(LOCK_FILE):
         _clear_previous(log)
         started = time.monotonic()
-        st = _start(count, bare, log)
-        log(f"memsnap: cluster up with {count} Ready nodes in {time.monotonic() - started:.1f} s; "
+        st = _start(count, bare, log, wait_operator)
+        log(f"memsnap: cluster up with {count} Ready nodes{'' if bare else ' and memsnap installed'} in {time.monotonic() - started:.1f} s; "
             f"kubeconfig: {state.ADMIN_KUBECONFIG}")
         return _status(st)
 
@@ -91,7 +93,7 @@ def _clear_previous(log: Log) -> None:
     _teardown(old)
 
 
-def _start(count: int, bare: bool, log: Log) -> state.State:
+def _start(count: int, bare: bool, log: Log, wait_operator: bool | None) -> state.State:
     b = kbuild.ensure(log)
     names = [nodes_runtime.node_name(i) for i in range(1, count + 1)]
     st = state.State(nodes=names, bare=bare)
@@ -107,6 +109,9 @@ def _start(count: int, bare: bool, log: Log) -> state.State:
     worker.route(workers)
     _wait_ready(st)
     _wait_service_account()
+    worker.route_kubernetes_service(workers, _kubernetes_service_ip())
+    if not bare:
+        chart.install(workers, log, wait_operator)
     return st
 
 
@@ -145,6 +150,19 @@ def _wait_service_account(timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise ClusterError("no token for the default service account after "
                                f"{timeout:.0f} s; log: {state.LOG_DIR / 'kube-controller-manager.log'}")
+        time.sleep(0.5)
+
+
+def _kubernetes_service_ip(timeout: float = 30.0) -> str:
+    """The ClusterIP of the `kubernetes` Service (the API server makes it at start)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ip = api.get("/api/v1/namespaces/default/services/kubernetes").get("spec", {}).get("clusterIP")
+        if ip:
+            return ip
+        if time.monotonic() > deadline:
+            raise ClusterError(f"no `kubernetes` Service after {timeout:.0f} s; "
+                               f"log: {state.LOG_DIR / 'kube-apiserver.log'}")
         time.sleep(0.5)
 
 

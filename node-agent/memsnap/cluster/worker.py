@@ -195,3 +195,17 @@ def route(workers: list[Worker]) -> None:
 def unroute(indexes: list[int]) -> None:
     for i in indexes:
         subprocess.run(["ip", "route", "del", state.pod_subnet(i)], capture_output=True)
+
+
+def route_kubernetes_service(workers: list[Worker], cluster_ip: str, port: int = 443) -> None:
+    """No kube-proxy here: each node DNATs the `kubernetes` Service (what in-cluster clients find in
+    KUBERNETES_SERVICE_HOST/PORT) to the API server, for host-network processes (OUTPUT) and pods
+    (PREROUTING). The API server's certificate names that ClusterIP too."""
+    rule = ["-d", f"{cluster_ip}/32", "-p", "tcp", "--dport", str(port),
+            "-j", "DNAT", "--to-destination", f"{state.API_ADDRESS}:{state.API_PORT}"]
+    for w in workers:
+        for chain in ("OUTPUT", "PREROUTING"):
+            proc = nodes.run(w.name, ["iptables", "-w", "-t", "nat", "-A", chain, *rule],
+                             capture_output=True, text=True)
+            if proc.returncode:
+                raise WorkerError(f"iptables DNAT for the kubernetes Service on {w.name}: {proc.stderr.strip()}")

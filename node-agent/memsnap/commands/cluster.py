@@ -2,14 +2,14 @@
 
 The control plane runs on the host; containerd and a kubelet run in each node.
 
-    memsnap cluster up [--nodes N] [--bare]   etcd, API server, controllers, scheduler; node-1..node-N Ready
+    memsnap cluster up [--nodes N] [--bare]   etcd, API server, controllers, scheduler; node-1..node-N Ready;
+                                              memsnap installed by its chart (not with --bare)
     memsnap cluster status [--json]           what runs and what does not, and why (exit 1 if unhealthy)
     memsnap cluster kubeconfig                print the admin kubeconfig's path (for kubectl --kubeconfig)
     memsnap cluster load IMAGE.tar            import a docker-archive or OCI layout into every node
     memsnap cluster down                      stop everything and remove what it left (idempotent)
     memsnap cluster build                     build (or find cached) the Kubernetes binaries; prints their dir
-
-memsnap's chart does not exist yet: `up` gives a bare cluster (--bare is accepted for when it does).
+    memsnap cluster images                    build (or find cached) the memsnap image; prints its archive
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from memsnap.cli import UsageError
 from memsnap.cluster import build as kbuild
-from memsnap.cluster import controlplane, lifecycle, state, worker
+from memsnap.cluster import chart, controlplane, images, lifecycle, state, worker
 from memsnap.nodes.image import ImageError
 from memsnap.nodes.runtime import NodeError
 
@@ -35,7 +35,9 @@ def register(subparsers) -> None:
 
     up = actions.add_parser("up", help="start the cluster")
     up.add_argument("--nodes", type=int, default=2, help="number of worker nodes (default 2)")
-    up.add_argument("--bare", action="store_true", help="without memsnap installed (the only kind for now)")
+    up.add_argument("--bare", action="store_true", help="without memsnap (no chart, the nodes' own agents)")
+    up.add_argument("--no-wait-operator", dest="wait_operator", action="store_false", default=None,
+                    help="do not wait for the operator's Deployment to be available")
     up.set_defaults(func=_guarded(cmd_up))
 
     st = actions.add_parser("status", help="what runs and why not")
@@ -50,6 +52,7 @@ def register(subparsers) -> None:
 
     actions.add_parser("down", help="stop the cluster and clean up").set_defaults(func=_guarded(cmd_down))
     actions.add_parser("build", help="build the Kubernetes binaries").set_defaults(func=_guarded(cmd_build))
+    actions.add_parser("images", help="build the memsnap image (agent, operator)").set_defaults(func=_guarded(cmd_images))
 
 
 def _guarded(func):
@@ -62,14 +65,14 @@ def _guarded(func):
             print(f"memsnap cluster up: {exc}", file=sys.stderr)
             return 0
         except (lifecycle.ClusterError, kbuild.BuildError, controlplane.StartError, worker.WorkerError,
-                NodeError, ImageError, OSError) as exc:
+                NodeError, ImageError, images.ImageBuildError, chart.ChartError, OSError) as exc:
             print(f"memsnap cluster {args.cluster_action}: {exc}", file=sys.stderr)
             return 1
     return wrapper
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    lifecycle.up(args.nodes, bare=True)
+    lifecycle.up(args.nodes, bare=args.bare, wait_operator=args.wait_operator)
     print(state.ADMIN_KUBECONFIG)
     return 0
 
@@ -108,6 +111,12 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 def cmd_build(args: argparse.Namespace) -> int:
     print(kbuild.ensure().path)
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    image = images.ensure()
+    print(f"{image.archive}\t{image.tag}")
     return 0
 
 
