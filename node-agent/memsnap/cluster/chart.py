@@ -63,7 +63,8 @@ def install(workers: list[worker.Worker], log: Log, wait_operator: bool | None =
     _apply(_ca_secret())
     values = {"image.repository": images.REPOSITORY, "image.tag": image.tag.rsplit(":", 1)[1],
               "image.id": image.image_id[:16], "tls.existingSecret": CA_SECRET,
-              "operator.enabled": str(operator).lower()}
+              # Without the operator command its RBAC is installed, but no operator pod runs.
+              "operator.replicas": "1" if operator else "0"}
     log(f"memsnap: helm upgrade --install {RELEASE} ({CHART_DIR}) in namespace {NAMESPACE}")
     helm("upgrade", "--install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE,
          *[arg for k, v in values.items() for arg in ("--set-string" if k.startswith("image.") else "--set",
