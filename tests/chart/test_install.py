@@ -84,6 +84,26 @@ def test_metrics_are_plain_on_the_next_port(cluster):
         assert f'node="{node}"' in body and "memsnap_agent_info" in body
 
 
+def test_a_pod_reaches_the_api_server_through_the_kubernetes_service(cluster, kubectl):
+    """No kube-proxy: the nodes DNAT the `kubernetes` Service, so an in-cluster client on the pod
+    network (as the operator is) works with its in-cluster configuration unchanged."""
+    image = kubectl.json("get", "daemonset", f"{chart.RELEASE}-agent", "-n", NS)["spec"]["template"]["spec"][
+        "containers"][0]["image"]
+    script = ("from kubernetes import client, config; config.load_incluster_config(); "
+              "print(client.Configuration.get_default_copy().host, client.VersionApi().get_code().git_version)")
+    manifest = pod("chart-incluster", "node-2", ["python3", "-c", script], image=image, restartPolicy="Never")
+    kubectl.apply(manifest)
+    try:
+        done = kubectl.wait_for(lambda: kubectl.json("get", "pod", "chart-incluster")["status"].get("phase")
+                                in ("Succeeded", "Failed") or None, "the in-cluster client to finish", timeout=90)
+        assert done
+        logs = kubectl("logs", "chart-incluster").stdout.split()
+        assert kubectl.json("get", "pod", "chart-incluster")["status"]["phase"] == "Succeeded", logs
+        assert logs[-1] == "v1.20.2" and logs[-2].startswith("https://198.18.128.1")
+    finally:
+        kubectl("delete", "pod", "chart-incluster", "--grace-period=0", "--force", check=False)
+
+
 def test_a_certificate_from_another_ca_is_refused(cluster, tmp_path: Path):
     other = pki.CA.new("not memsnap")
     files = pki.TlsFiles(tmp_path / "c.crt", tmp_path / "c.key", pki.PKI_DIR / "ca.crt")
