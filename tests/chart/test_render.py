@@ -128,6 +128,18 @@ def test_values_narrow_nodes_and_bring_an_existing_ca():
     assert {v["secret"]["secretName"] for v in ds["volumes"] if "secret" in v} == {"my-ca"}
 
 
+def test_cert_manager_makes_the_ca_where_it_is_asked_for_and_present():
+    asked = ("--set", "tls.certManager.enabled=true")
+    assert one(render(*asked), "Secret", "-ca")  # no cert-manager API: the chart's own CA
+    docs = render(*asked, api_versions=("cert-manager.io/v1/Certificate",))
+    assert not [d for d in docs if d["kind"] == "Secret"]
+    cert = one(docs, "Certificate")
+    assert cert["spec"]["isCA"] and cert["spec"]["secretName"] == "memsnap-ca"
+    assert one(docs, "Issuer")["spec"] == {"selfSigned": {}}
+    init = one(docs, "DaemonSet", "-agent")["spec"]["template"]["spec"]["initContainers"][0]
+    assert "set -- tls.crt tls.key" in init["args"][0]  # cert-manager's key names
+
+
 def test_the_generated_ca_issues_memsnap_certificates(tmp_path: Path, monkeypatch):
     """helm's genCA makes the CA; memsnap's own pki (as the init containers run it) issues from it,
     and an agent's context and a client's context built on those files talk to each other."""

@@ -27,6 +27,22 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{ .Values.image.repository }}:{{ .Values.image.tag | default .Chart.AppVersion }}
 {{- end -}}
 
+{{/* Whether cert-manager makes the CA (asked for, and its API is there). */}}
+{{- define "memsnap.certManager" -}}
+{{- if and (not .Values.tls.existingSecret) .Values.tls.certManager.enabled (.Capabilities.APIVersions.Has "cert-manager.io/v1/Certificate") -}}
+true
+{{- end -}}
+{{- end -}}
+
+{{/* The CA Secret's keys: cert-manager writes tls.crt and tls.key. */}}
+{{- define "memsnap.caFiles" -}}
+{{- if include "memsnap.certManager" . -}}
+tls.crt tls.key
+{{- else -}}
+ca.crt ca.key
+{{- end -}}
+{{- end -}}
+
 {{- define "memsnap.caSecret" -}}
 {{- .Values.tls.existingSecret | default (printf "%s-ca" (include "memsnap.fullname" .)) -}}
 {{- end -}}
