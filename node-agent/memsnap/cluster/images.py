@@ -210,7 +210,7 @@ def _code_layer(python: str) -> bytes:
     script.write_bytes(ENTRYPOINT_SCRIPT)
     script.chmod(0o755)
     entries["usr/local/bin/memsnap"] = script
-    return oci._layer(entries)
+    return oci.files_layer(entries)
 
 
 def _build(d: str, base: Path, log: Log) -> Image:

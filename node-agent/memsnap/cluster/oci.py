@@ -22,7 +22,8 @@ DEFAULT_PATH = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 Entry = Path | tuple[str, str] | tuple[str, int]
 
 
-def _layer(entries: dict[str, Entry]) -> bytes:
+def files_layer(entries: dict[str, Entry]) -> bytes:
+    """A layer of the given entries (path in the image -> Entry), with fixed owners and times."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tar:
         made: set[str] = set()
@@ -78,7 +79,7 @@ def _image(tag: str, entries: dict[str, Entry] | list[bytes], entrypoint: list[s
     """The layer tars (entries as one layer, or layers given bottom first) and the image config."""
     if ":" not in tag.rsplit("/", 1)[-1]:
         raise ValueError(f"image tag {tag!r} has no version (e.g. {tag}:1)")
-    layers = entries if isinstance(entries, list) else [_layer(entries)]
+    layers = entries if isinstance(entries, list) else [files_layer(entries)]
     config: dict = {"Env": env or [DEFAULT_PATH]}
     if entrypoint:
         config["Entrypoint"] = entrypoint
