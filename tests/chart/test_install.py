@@ -16,7 +16,7 @@ import yaml
 from memsnap import nodes, pki
 from memsnap.agent.client import AgentClient, AgentError
 from memsnap.cluster import chart
-from memsnap.cluster.testing import local_only, pod
+from memsnap.cluster.testing import local_only, pod, run_cli
 from memsnap.nodes import agents
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, local_only]
@@ -177,6 +177,16 @@ def test_an_upgrade_rolls_the_agents_with_the_new_values(cluster):
     finally:
         helm("upgrade", chart.RELEASE, str(chart.CHART_DIR), "-n", NS, "--reuse-values", "--set", "agent.interval=10")
         chart.wait_ready(len(cluster.nodes), operator=False)
+
+
+def test_cluster_install_upgrades_the_running_release(cluster):
+    """`memsnap cluster install`: what a developer runs after changing the code."""
+    before = json.loads(helm("history", chart.RELEASE, "-n", NS, "-o", "json").stdout)[-1]["revision"]
+    proc = run_cli("install", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    history = json.loads(helm("history", chart.RELEASE, "-n", NS, "-o", "json").stdout)
+    assert history[-1]["revision"] == before + 1 and history[-1]["status"] == "deployed"
+    assert all(status_of(n)["node"] == n for n in cluster.nodes)
 
 
 def test_the_chart_made_ca_is_kept_across_upgrades(cluster, kubectl):

@@ -51,15 +51,16 @@ def operator_available() -> bool:
     return importlib.util.find_spec("memsnap.commands.operator") is not None
 
 
-def install(workers: list[worker.Worker], log: Log, wait_operator: bool | None = None) -> None:
+def install(workers: list[worker.Worker], log: Log, operator: bool = True, wait_operator: bool = True) -> None:
     """Build and load the image, let the nodes' agents give way, install or upgrade the release and
-    wait until an agent is Ready on every node (and the operator, if it exists and wait_operator)."""
+    wait until an agent is Ready on every node, and the operator if it runs and wait_operator.
+    The operator runs if asked and the checkout has it; otherwise only its RBAC is installed."""
     image = images.ensure(log)
     log(f"memsnap: loading {image.tag} into {', '.join(w.name for w in workers)}")
     for w in workers:
         worker.import_image(w.name, image.archive)
         node_agents.stop(nodes.get(w.name))
-    operator = operator_available()
+    operator = operator and operator_available()
     _apply(_ca_secret())
     values = {"image.repository": images.REPOSITORY, "image.tag": image.tag.rsplit(":", 1)[1],
               "image.id": image.image_id[:16], "tls.existingSecret": CA_SECRET,
@@ -69,7 +70,7 @@ def install(workers: list[worker.Worker], log: Log, wait_operator: bool | None =
     helm("upgrade", "--install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE,
          *[arg for k, v in values.items() for arg in ("--set-string" if k.startswith("image.") else "--set",
                                                       f"{k}={v}")])
-    wait_ready(len(workers), operator and (wait_operator is not False))
+    wait_ready(len(workers), operator and wait_operator)
 
 
 def helm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

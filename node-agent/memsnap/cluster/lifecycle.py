@@ -63,10 +63,11 @@ def _stderr(msg: str) -> None:
 
 # ---- up ----------------------------------------------------------------------------------
 
-def up(count: int = 2, bare: bool = False, log: Log | None = None, wait_operator: bool | None = None) -> Status:
+def up(count: int = 2, bare: bool = False, log: Log | None = None, operator: bool = True,
+       wait_operator: bool = True) -> Status:
     """Start a cluster of `count` workers with memsnap installed by its chart (bare: without);
-    AlreadyUp if a healthy one runs (a broken one is cleared). wait_operator=False: do not wait
-    for the operator's Deployment (None: wait if the checkout has the operator)."""
+    AlreadyUp if a healthy one runs (a broken one is cleared). operator, wait_operator: as for
+    chart.install."""
     log = log or _stderr
     limit = min(state.MAX_NODES, net.MAX_NODES)
     if not 1 <= count <= limit:
@@ -75,7 +76,7 @@ def up(count: int = 2, bare: bool = False, log: Log | None = None, wait_operator
     with locked(LOCK_FILE):
         _clear_previous(log)
         started = time.monotonic()
-        st = _start(count, bare, log, wait_operator)
+        st = _start(count, bare, log, lambda workers: chart.install(workers, log, operator, wait_operator))
         log(f"memsnap: cluster up with {count} Ready nodes{'' if bare else ' and memsnap installed'} in {time.monotonic() - started:.1f} s; "
             f"kubeconfig: {state.ADMIN_KUBECONFIG}")
         return _status(st)
@@ -93,7 +94,7 @@ def _clear_previous(log: Log) -> None:
     _teardown(old)
 
 
-def _start(count: int, bare: bool, log: Log, wait_operator: bool | None) -> state.State:
+def _start(count: int, bare: bool, log: Log, install: Callable[[list[worker.Worker]], None]) -> state.State:
     b = kbuild.ensure(log)
     names = [nodes_runtime.node_name(i) for i in range(1, count + 1)]
     st = state.State(nodes=names, bare=bare)
@@ -111,7 +112,7 @@ def _start(count: int, bare: bool, log: Log, wait_operator: bool | None) -> stat
     _wait_service_account()
     worker.route_kubernetes_service(workers, _kubernetes_service_ip())
     if not bare:
-        chart.install(workers, log, wait_operator)
+        install(workers)
     return st
 
 
@@ -164,6 +165,22 @@ def _kubernetes_service_ip(timeout: float = 30.0) -> str:
             raise ClusterError(f"no `kubernetes` Service after {timeout:.0f} s; "
                                f"log: {state.LOG_DIR / 'kube-apiserver.log'}")
         time.sleep(0.5)
+
+
+# ---- install ------------------------------------------------------------------------------
+
+def install(log: Log | None = None, operator: bool = True, wait_operator: bool = True) -> None:
+    """Install or upgrade memsnap in the running cluster from the checkout as it is now (the
+    image rebuilt if the code changed, the release upgraded, pods rolled)."""
+    _require_root()
+    with locked(LOCK_FILE):
+        st = state.load()
+        if st is None or not _status(st).healthy:
+            raise BadRequest("no healthy cluster is up (run `memsnap cluster up`; `status` says what is wrong)")
+        workers = [worker.Worker(n.name, n.index, n.address) for n in (nodes.get(name) for name in st.nodes)]
+        chart.install(workers, log or _stderr, operator, wait_operator)
+        st.bare = False
+        state.save(st)
 
 
 # ---- down --------------------------------------------------------------------------------

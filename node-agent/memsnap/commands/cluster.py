@@ -4,6 +4,7 @@ The control plane runs on the host; containerd and a kubelet run in each node.
 
     memsnap cluster up [--nodes N] [--bare]   etcd, API server, controllers, scheduler; node-1..node-N Ready;
                                               memsnap installed by its chart (not with --bare)
+    memsnap cluster install                   install or upgrade memsnap in the running cluster (code changed)
     memsnap cluster status [--json]           what runs and what does not, and why (exit 1 if unhealthy)
     memsnap cluster kubeconfig                print the admin kubeconfig's path (for kubectl --kubeconfig)
     memsnap cluster load IMAGE.tar            import a docker-archive or OCI layout into every node
@@ -36,9 +37,12 @@ def register(subparsers) -> None:
     up = actions.add_parser("up", help="start the cluster")
     up.add_argument("--nodes", type=int, default=2, help="number of worker nodes (default 2)")
     up.add_argument("--bare", action="store_true", help="without memsnap (no chart, the nodes' own agents)")
-    up.add_argument("--no-wait-operator", dest="wait_operator", action="store_false", default=None,
-                    help="do not wait for the operator's Deployment to be available")
+    _operator_flags(up)
     up.set_defaults(func=_guarded(cmd_up))
+
+    ins = actions.add_parser("install", help="install or upgrade memsnap (its chart) in the running cluster")
+    _operator_flags(ins)
+    ins.set_defaults(func=_guarded(cmd_install))
 
     st = actions.add_parser("status", help="what runs and why not")
     st.add_argument("--json", action="store_true")
@@ -53,6 +57,13 @@ def register(subparsers) -> None:
     actions.add_parser("down", help="stop the cluster and clean up").set_defaults(func=_guarded(cmd_down))
     actions.add_parser("build", help="build the Kubernetes binaries").set_defaults(func=_guarded(cmd_build))
     actions.add_parser("images", help="build the memsnap image (agent, operator)").set_defaults(func=_guarded(cmd_images))
+
+
+def _operator_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-operator", dest="operator", action="store_false",
+                   help="install the operator's RBAC but run no operator (e.g. tests that run their own)")
+    p.add_argument("--no-wait-operator", dest="wait_operator", action="store_false",
+                   help="do not wait for the operator's Deployment to be available")
 
 
 def _guarded(func):
@@ -72,8 +83,13 @@ def _guarded(func):
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    lifecycle.up(args.nodes, bare=args.bare, wait_operator=args.wait_operator)
+    lifecycle.up(args.nodes, bare=args.bare, operator=args.operator, wait_operator=args.wait_operator)
     print(state.ADMIN_KUBECONFIG)
+    return 0
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    lifecycle.install(operator=args.operator, wait_operator=args.wait_operator)
     return 0
 
 
