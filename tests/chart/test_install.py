@@ -16,10 +16,11 @@ import yaml
 from memsnap import nodes, pki
 from memsnap.agent.client import AgentClient, AgentError
 from memsnap.cluster import chart
-from memsnap.cluster.testing import local_only, pod, run_cli
+from memsnap.cluster.testing import BARE_ENV, bare_cluster, local_only, pod, run_cli
 from memsnap.nodes import agents
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow, local_only]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, local_only,
+              pytest.mark.skipif(bare_cluster(), reason=f"{BARE_ENV} is set: the cluster has no chart")]
 NS = chart.NAMESPACE
 AGENT_SA = f"system:serviceaccount:{NS}:{chart.RELEASE}-agent"
 OPERATOR_SA = f"system:serviceaccount:{NS}:{chart.RELEASE}-operator"
