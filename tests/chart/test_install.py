@@ -156,7 +156,8 @@ def test_the_agent_may_read_pods_and_nothing_else(cluster, kubectl):
 def test_the_operator_may_do_its_work_and_no_more(cluster, kubectl):
     allowed = {("create", "pods"): True, ("delete", "pods"): True, ("patch", "pods"): True,
                ("watch", "pods"): True, ("list", "nodes"): True, ("create", "events"): True,
-               ("list", "podmigrations.memsnap.io"): True, ("patch", "podcheckpoints.memsnap.io"): True}
+               ("list", "podmigrations.memsnap.io"): True, ("patch", "podcheckpoints.memsnap.io"): True,
+               ("get", "persistentvolumeclaims"): True}
     denied = {("get", "secrets"): False, ("list", "secrets"): False, ("patch", "nodes"): False,
               ("delete", "nodes"): False, ("create", "deployments.apps"): False,
               ("create", "clusterrolebindings.rbac.authorization.k8s.io"): False}
