@@ -45,6 +45,8 @@ def test_up_gives_a_deployed_release(cluster):
     releases = json.loads(helm("list", "-A", "-o", "json").stdout)
     mine = [r for r in releases if r["name"] == chart.RELEASE]
     assert len(mine) == 1 and mine[0]["namespace"] == NS and mine[0]["status"] == "deployed"
+    status = json.loads(run_cli("status", "--json").stdout)
+    assert status["memsnap"].startswith(f"agents Ready on {len(cluster.nodes)} of {len(cluster.nodes)} nodes")
 
 
 def test_an_agent_is_ready_on_every_node(cluster, kubectl):

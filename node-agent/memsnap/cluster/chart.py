@@ -131,6 +131,20 @@ def _not_ready(count: int, operator: bool) -> str:
     return ""
 
 
+def describe(count: int) -> str:
+    """The release's state in a line, for `memsnap cluster status`."""
+    try:
+        missing = _not_ready(count, operator=False)
+        dep = api.get(f"/apis/apps/v1/namespaces/{NAMESPACE}/deployments/{OPERATOR_DEPLOYMENT}")
+    except api.ApiError as exc:
+        return f"unknown ({exc})"
+    agents = missing or f"agents Ready on {count} of {count} nodes"
+    if not dep:
+        return f"{agents}; no operator"
+    want, have = dep["spec"].get("replicas", 1), dep.get("status", {}).get("availableReplicas", 0)
+    return f"{agents}; operator {'not run (replicas 0)' if not want else f'available {have} of {want}'}"
+
+
 def _pod_report() -> str:
     """Each pod of the release with its phase and why a container waits or ended."""
     items = api.get(f"/api/v1/namespaces/{NAMESPACE}/pods").get("items", [])

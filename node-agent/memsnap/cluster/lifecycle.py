@@ -45,6 +45,7 @@ class Status:
     components: dict[str, str] = field(default_factory=dict)  # control plane: "running" or why not
     nodes: dict[str, str] = field(default_factory=dict)  # node: "Ready" or why not
     kubeconfig: str = ""
+    memsnap: str = ""  # what the chart installed: "agents Ready on 2 of 2 nodes ...", or "bare"
 
     @property
     def healthy(self) -> bool:
@@ -224,7 +225,8 @@ def _status(st: state.State) -> Status:
         components["kube-apiserver"] = str(exc)
         conditions = None
     return Status(up=True, components=components, nodes={n: _node_status(n, conditions) for n in st.nodes},
-                  kubeconfig=str(state.ADMIN_KUBECONFIG))
+                  kubeconfig=str(state.ADMIN_KUBECONFIG),
+                  memsnap="bare (no chart)" if st.bare else chart.describe(len(st.nodes)) if conditions else "")
 
 
 def _node_status(name: str, conditions: dict[str, dict] | None) -> str:

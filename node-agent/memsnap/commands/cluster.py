@@ -102,6 +102,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         for name, what in {**s.components, **s.nodes}.items():
             print(f"{name:<24} {what}")
+        print(f"{'memsnap':<24} {s.memsnap}")
         print(f"{'kubeconfig':<24} {s.kubeconfig}")
     return 0 if s.healthy else 1
 
