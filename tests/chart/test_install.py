@@ -193,6 +193,30 @@ def test_cluster_install_upgrades_the_running_release(cluster):
     assert all(status_of(n)["node"] == n for n in cluster.nodes)
 
 
+@pytest.mark.skipif(not chart.operator_available(), reason="this checkout has no `memsnap operator` yet")
+def test_the_charts_operator_runs_in_its_pod(cluster, kubectl):
+    """The session's cluster runs no operator (tests/operator start their own): scaled up, the
+    chart's runs as it would after a plain `cluster up`: non-root, read-only, in-cluster config,
+    its client certificate from the init container; its metrics answer on the pod's address."""
+    deployment = f"{chart.RELEASE}-operator"
+    kubectl("scale", "deployment", deployment, "-n", NS, "--replicas=1")
+    try:
+        def available() -> dict | None:
+            pods = kubectl.json("get", "pods", "-n", NS, "-l", "app.kubernetes.io/component=operator")["items"]
+            ready = [p for p in pods if p["status"].get("containerStatuses")
+                     and all(c["ready"] for c in p["status"]["containerStatuses"])]
+            return ready[0] if ready else None
+        op = kubectl.wait_for(available, "the chart's operator to be ready", timeout=120)
+        with urllib.request.urlopen(f"http://{op['status']['podIP']}:9660/metrics", timeout=10) as resp:
+            assert resp.status == 200
+        assert kubectl("logs", "-n", NS, op["metadata"]["name"]).returncode == 0
+    finally:
+        kubectl("scale", "deployment", deployment, "-n", NS, "--replicas=0")
+        kubectl.wait_for(lambda: not kubectl.json("get", "pods", "-n", NS, "-l",
+                                                  "app.kubernetes.io/component=operator")["items"] or None,
+                         "the operator's pod to go", timeout=90)
+
+
 def test_the_chart_made_ca_is_kept_across_upgrades(cluster, kubectl):
     """Without tls.existingSecret the chart makes its CA once (lookup): an upgrade keeps it."""
     ns, release = "memsnap-ca-check", "ca-check"
