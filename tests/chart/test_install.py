@@ -250,4 +250,4 @@ def test_uninstall_leaves_nothing_cluster_scoped_but_the_crds(cluster, kubectl):
             kubectl("get", "crd", name)
     finally:  # the cluster as the other tests expect it: memsnap installed
         chart.install([chart.worker.Worker(n.name, n.index, n.address) for n in map(nodes.get, cluster.nodes)],
-                      log=lambda msg: None)
+                      log=lambda msg: None, operator=False)
