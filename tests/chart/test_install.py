@@ -206,7 +206,7 @@ def test_the_charts_operator_runs_in_its_pod(cluster, kubectl):
             ready = [p for p in pods if p["status"].get("containerStatuses")
                      and all(c["ready"] for c in p["status"]["containerStatuses"])]
             return ready[0] if ready else None
-        op = kubectl.wait_for(available, "the chart's operator to be ready", timeout=120)
+        op = kubectl.wait_for(available, "the chart's operator to be ready", timeout=120)  # probe: /metrics
         with urllib.request.urlopen(f"http://{op['status']['podIP']}:9660/metrics", timeout=10) as resp:
             assert resp.status == 200
         time.sleep(5)  # its watches start after /metrics: give a refusal time to show in the log
