@@ -64,7 +64,7 @@ def install(workers: list[worker.Worker], log: Log, operator: bool = True, wait_
     _apply(_ca_secret())
     values = {"image.repository": images.REPOSITORY, "image.tag": image.tag.rsplit(":", 1)[1],
               "image.id": image.image_id[:16], "tls.existingSecret": CA_SECRET,
-              # Without the operator command its RBAC is installed, but no operator pod runs.
+              # Not running the operator (not asked, or no such command here): its RBAC only.
               "operator.replicas": "1" if operator else "0"}
     log(f"memsnap: helm upgrade --install {RELEASE} ({CHART_DIR}) in namespace {NAMESPACE}")
     helm("upgrade", "--install", RELEASE, str(CHART_DIR), "--namespace", NAMESPACE,

@@ -78,7 +78,8 @@ def up(count: int = 2, bare: bool = False, log: Log | None = None, operator: boo
         _clear_previous(log)
         started = time.monotonic()
         st = _start(count, bare, log, lambda workers: chart.install(workers, log, operator, wait_operator))
-        log(f"memsnap: cluster up with {count} Ready nodes{'' if bare else ' and memsnap installed'} in {time.monotonic() - started:.1f} s; "
+        what = "" if bare else " and memsnap installed"
+        log(f"memsnap: cluster up with {count} Ready nodes{what} in {time.monotonic() - started:.1f} s; "
             f"kubeconfig: {state.ADMIN_KUBECONFIG}")
         return _status(st)
 
