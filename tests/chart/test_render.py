@@ -163,7 +163,8 @@ def test_the_generated_ca_issues_memsnap_certificates(tmp_path: Path, monkeypatc
 def test_an_api_server_address_for_clusters_without_kube_proxy():
     docs = render("--set", "apiServer.host=198.18.0.1", "--set-string", "apiServer.port=6443")
     for kind, suffix in (("DaemonSet", "-agent"), ("Deployment", "-operator")):
-        env = {e["name"]: e.get("value") for e in one(docs, kind, suffix)["spec"]["template"]["spec"]["containers"][0]["env"]}
+        container = one(docs, kind, suffix)["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
         assert (env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]) == ("198.18.0.1", "6443")
     default = one(render(), "DaemonSet", "-agent")["spec"]["template"]["spec"]["containers"][0]["env"]
     assert "KUBERNETES_SERVICE_HOST" not in {e["name"] for e in default}  # the in-cluster default
