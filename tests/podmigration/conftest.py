@@ -25,8 +25,9 @@ def counter_image(cluster, tmp_path_factory) -> str:  # noqa: F811
     d = tmp_path_factory.mktemp("counter")
     binary = d / "counter"
     subprocess.run(["gcc", "-O2", "-static", "-o", str(binary), str(HERE / "counter.c")], check=True)
-    cluster.load(oci.write_docker_archive(d / "counter.tar", IMAGE, {"counter": binary, "tmp": ("dir", 0o1777)},
-                                          entrypoint=["/counter"]))
+    oci.write_docker_archive(d / "counter.tar", IMAGE, {"counter": binary, "tmp": ("dir", 0o1777)},
+                             entrypoint=["/counter"])
+    cluster.load(d / "counter.tar")
     return IMAGE
 
 

@@ -14,7 +14,7 @@
 
 static double now_ms(void) {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(CLOCK_REALTIME, &ts);  /* not MONOTONIC: CRIU restores into a time namespace that hides the pause */
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 

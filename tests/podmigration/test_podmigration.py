@@ -64,7 +64,7 @@ def test_pod_moves_to_another_node_with_its_memory(kubectl, counter_image, runti
     kubectl.apply(target_pod(kubectl.json("get", "pod", "pm-move"), "pm-move-2", TARGET, mig_id))
     pods.append("pm-move-2")
     st = _wait_phase(kubectl, agent_api, mig_id, ("HandedOver", "RolledBack", "Failed"))
-    assert st["phase"] == "HandedOver", st
+    assert st["phase"] == "HandedOver", st["message"]
     before = lines(kubectl, "pm-move")[-1]
     kubectl("delete", "pod", "pm-move", "--grace-period=0", "--force")
     status, done = agent_api.call(SOURCE, "POST", f"/api/v1/migrations/{mig_id}/complete")
@@ -102,7 +102,7 @@ def test_a_failed_restore_rolls_back(kubectl, counter_image, runtime_class, agen
     kubectl.apply(broken)
     pods.append("pm-fail-2")
     st = _wait_phase(kubectl, agent_api, mig_id, ("HandedOver", "RolledBack", "Failed"))
-    assert st["phase"] == "RolledBack", st
+    assert st["phase"] == "RolledBack", st["message"]
     assert "counter" in st["message"] and "restor" in st["message"], st["message"]
     _assert_runs_on(kubectl, "pm-fail", first)
     assert not _incoming_exists(mig_id)

@@ -80,19 +80,19 @@ def app_containers(uid: str) -> list[PodContainer]:
     return sorted(found, key=lambda c: c.name)
 
 
-def pod_freezer(c: PodContainer) -> cgroupfs.Freezer:
-    """The pod's freezer cgroup (the parent of its containers' cgroups): freezing it stops every
-    container of the pod at once, and runc's own freeze and thaw of a container during a
-    checkpoint cannot thaw what the pod's freezer holds (cgroup v1: a child is frozen while its
-    parent is)."""
+def freezer(c: PodContainer) -> cgroupfs.Freezer:
+    """The container's own freezer cgroup. Frozen before `runc checkpoint`, it stays frozen after
+    a --leave-running dump: CRIU notes that the cgroup was frozen when it began and freezes it
+    again before it lets the tasks go (criu/seize.c, freezer_restore_state). A frozen parent
+    (the pod's cgroup) would not do: CRIU thaws the container's cgroup to stop the tasks with
+    ptrace, which a frozen parent prevents (CRIU times out on unseizable tasks)."""
     mounts = cgroupfs.hierarchies()
-    if "freezer" in mounts:
-        path = mounts["freezer"] / cgroupfs.membership(c.pid)["freezer"].lstrip("/")
-        return cgroupfs.Freezer(path.parent, False)
-    if "cgroup2" in mounts:
-        path = mounts["cgroup2"] / cgroupfs.membership(c.pid)["cgroup2"].lstrip("/")
-        return cgroupfs.Freezer(path.parent, True)
-    raise PodRuntimeError("no cgroup freezer is mounted on this node")
+    member = cgroupfs.membership(c.pid)
+    if "freezer" in mounts and "freezer" in member:
+        return cgroupfs.Freezer(mounts["freezer"] / member["freezer"].lstrip("/"), False)
+    if "cgroup2" in mounts and "cgroup2" in member:
+        return cgroupfs.Freezer(mounts["cgroup2"] / member["cgroup2"].lstrip("/"), True)
+    raise PodRuntimeError(f"container {c.name} has no freezer cgroup on this node")
 
 
 def container_cgroups(c: PodContainer) -> list[Path]:

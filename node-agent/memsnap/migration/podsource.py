@@ -76,7 +76,7 @@ class PodMigration:
         self.remaining = 0
         self.downtime_ms: float | None = None
         self.pause_phases: dict[str, float] = {}
-        self.freezer: cgroupfs.Freezer | None = None  # the pod's, once we froze it
+        self.freezers: list[cgroupfs.Freezer] = []  # the containers', once we froze them
         self.created_on_target = False
         self.aborted = ""  # why DELETE asked to stop
         self.completed = asyncio.Event()
@@ -133,9 +133,8 @@ class PodMigration:
     async def _finalize(self) -> None:
         self.phase = "Finalizing"
         self.out.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.freezer = podruntime.pod_freezer(self.containers[0])
         began = time.monotonic()
-        await asyncio.to_thread(self.freezer.freeze)
+        await asyncio.to_thread(self._freeze)
         self.frozen_at = time.monotonic()
         self.pause_phases["freeze"] = _ms(self.frozen_at - began)
         for c in self.containers:
@@ -146,6 +145,14 @@ class PodMigration:
             sent = await transfer.send_layer(self.session, self.req.base_url, layer, self.limiter)
             self.transferred += sent.bytes
             self.pause_phases[f"transfer {c.name}"] = _ms(time.monotonic() - t)
+
+    def _freeze(self) -> None:
+        """Every app container of the pod stops at once (one pause for the pod, consistent
+        between its containers) and stays stopped through the checkpoints."""
+        for c in self.containers:
+            f = podruntime.freezer(c)
+            self.freezers.append(f)
+            f.freeze()
 
     def _checkpoint(self, c: PodContainer) -> Path:
         work = self.out / f"{c.name}.work"
@@ -204,8 +211,8 @@ class PodMigration:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        if self.freezer is not None:
-            self.freezer.thaw()
+        for f in self.freezers:
+            f.thaw()
         cgroupfs.kill_tasks(paths, f"pod {self.req.pod}'s containers")
 
     async def _rollback(self, exc: BaseException) -> None:
@@ -218,13 +225,13 @@ class PodMigration:
                 await asyncio.wait_for(_call(self.session, "DELETE", self.req.base_url, None), 10)
             except Exception as e:  # noqa: BLE001 - the target's lease removes it anyway
                 problems.append(f"could not tell {self.req.target} to drop it: {e}")
-        if self.freezer is not None:
+        for f in self.freezers:
             try:
-                self.freezer.thaw()
+                f.thaw()
             except OSError as e:
-                problems.append(f"could not thaw the pod: {e}")
+                problems.append(f"could not thaw {f.path}: {e}")
         shutil.rmtree(self.out, ignore_errors=True)
-        if problems and self.freezer is not None and any("thaw" in p for p in problems):
+        if any("thaw" in p for p in problems):
             self.phase = "Failed"
         else:
             self.phase = "RolledBack"
