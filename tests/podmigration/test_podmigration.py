@@ -80,7 +80,7 @@ def test_pod_moves_to_another_node_with_its_memory(kubectl, counter_image, runti
     assert not _incoming_exists(mig_id)
     kubectl.wait_for(lambda: not [p for p in runtime.list_nodes() if p.name == SOURCE] or
                      _no_counter_on(SOURCE), "the source's processes to be gone", timeout=60)
-    print(f"pause felt by the workload: {after.maxgap_ms} ms; agent's downtime {done['downtimeMs']} ms; "
+    print(f"pause felt by the workload: {after.maxgap_ms} ms; agent's downtime {done['downtimeMs']} ms; {done['finalImages']}; "
           f"phases {done.get('pausePhases')}")
 
 

@@ -56,12 +56,16 @@ class MigrationContext:
         self.admins = admins  # client identities that may start migrations besides this node
         self.busy: set[int] = set()  # pids being migrated
         self.pods: dict[str, podsource.PodMigration] = {}  # pod migrations started here, by id
+        self.lend_tracking = None  # set by setup()
 
 
-def setup(app: web.Application, tls: pki.TlsFiles) -> None:
-    """Serve migrations on an agent that has mutual TLS (every route here is MEMORY)."""
+def setup(app: web.Application, tls: pki.TlsFiles, lend_tracking=None) -> None:
+    """Serve migrations on an agent that has mutual TLS (every route here is MEMORY).
+    lend_tracking(pids, lend) -> awaitable: the agent's own tracking of pod processes stops
+    (lend=True) for a pod migration's processes, which it tracks itself, and resumes after."""
     me = pki.identity_of(tls.cert.read_bytes())
     app[TARGET], app[CONTEXT] = Target(), MigrationContext(me.name, pki.client_context(tls))
+    app[CONTEXT].lend_tracking = lend_tracking
     for line in app[TARGET].recover() + source.recover():
         log.warning("%s", line)
     base = "/api/v1/incoming/{id}"
@@ -237,7 +241,7 @@ async def _start_pod(request: web.Request, ctx: MigrationContext, body: dict) ->
     session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx.client_ssl),
                                     timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=PEER_SILENCE),
                                     headers={"X-Memsnap-Node": ctx.node})
-    mig = podsource.PodMigration(req, ctx.node, containers, session)
+    mig = podsource.PodMigration(req, ctx.node, containers, session, ctx.lend_tracking)
     ctx.pods[mig_id] = mig
 
     async def run() -> None:

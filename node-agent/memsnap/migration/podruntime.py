@@ -101,14 +101,24 @@ def container_cgroups(c: PodContainer) -> list[Path]:
     return [mount / member[k].lstrip("/") for k, mount in cgroupfs.hierarchies().items() if k in member]
 
 
-def checkpoint(c: PodContainer, image: Path, work: Path, parent: Path | None, timeout: float = 300.0) -> None:
+def checkpoint(c: PodContainer, image: Path, work: Path, parent: Path | None,
+               criu_options: list[str] = (), timeout: float = 300.0) -> None:
     """`runc checkpoint --leave-running` of the container into image (runc's checkpoint shape:
-    descriptors.json, external mounts keyed by destination, the pod's netns external)."""
+    descriptors.json, external mounts keyed by destination, the pod's netns external), against
+    a parent image directory if given. criu_options reach CRIU through runc's CRIU configuration
+    file, /etc/criu/runc.conf, which exists only for this call: runc runs in a private mount
+    namespace (a copy of the node's) with a tmpfs on /etc/criu holding it."""
     argv = [RUNC, "--root", RUNC_ROOT, "checkpoint", "--leave-running", "--image-path", str(image),
             "--work-path", str(work)]
     if parent is not None:
         argv += ["--parent-path", os.path.relpath(parent, image)]
-    proc = run_node(argv + [c.id], timeout)
+    argv.append(c.id)
+    if criu_options:
+        conf = "\n".join(criu_options) + "\n"
+        script = ('mkdir -p /etc/criu && mount -t tmpfs -o mode=0700 memsnap-criu /etc/criu && '
+                  'printf %s "$1" > /etc/criu/runc.conf && shift && exec "$@"')
+        argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", conf, *argv]
+    proc = run_node(argv, timeout)
     if proc.returncode != 0:
         raise PodRuntimeError(f"runc checkpoint of container {c.name} failed: {proc.stderr.strip()[-300:]}"
                               f"{_log_tail(work / 'dump.log')}")

@@ -29,18 +29,22 @@ from pathlib import Path
 
 import aiohttp
 
-from .. import cgroupfs
-from ..images.layer import LayerWriter, Manifest
+from .. import cgroupfs, procfs
+from ..checkpoint import criu, precopy
+from ..checkpoint.layers import described_in
+from ..images.layer import LayerWriter, Manifest, read_manifest
+from ..tracking import TrackingError, VmaSelection, registry
+from ..tracking.uffd_wp import UffdWp
 from . import podruntime, transfer
-from .planner import Policy
+from .planner import Planner, Policy, Round
 from .podruntime import PodContainer
-from .source import OUTGOING, MigrationError, _call
+from .source import OUTGOING, MigrationError, _call, _fixed_cost, _memory_bytes, _restore_source
 
 log = logging.getLogger(__name__)
 
 COMPLETE_WAIT = 60.0  # s after HandedOver: then the source ends its copy itself
 RESTORE_WAIT = 150.0  # s for the target's containers to be restored (kubelet's create included)
-POLL = 0.1
+POLL = 0.05
 PHASES = ("PreCopying", "Finalizing", "Restoring", "HandedOver", "Completed", "Failed", "RolledBack")
 ENDED = ("Completed", "Failed", "RolledBack")
 
@@ -66,8 +70,10 @@ class PodRequest:
 
 
 class PodMigration:
-    def __init__(self, req: PodRequest, node: str, containers: list[PodContainer], session: aiohttp.ClientSession):
+    def __init__(self, req: PodRequest, node: str, containers: list[PodContainer], session: aiohttp.ClientSession,
+                 lend_tracking=None):
         self.req, self.node, self.containers, self.session = req, node, containers, session
+        self.lend_tracking = lend_tracking  # the agent's pod tracking steps aside meanwhile
         self.out = OUTGOING / req.id
         self.phase = "PreCopying"
         self.message = ""
@@ -83,22 +89,46 @@ class PodMigration:
         self.task: asyncio.Task | None = None
         self.limiter = transfer.RateLimiter(req.policy.bandwidth_bytes_s)
         self.cgroups = [p for c in containers for p in podruntime.container_cgroups(c)]  # to end them
+        self.starttimes = {c.name: procfs.read_stat(c.pid).starttime for c in containers}
+        self.layers: dict[str, list[Path]] = {c.name: [] for c in containers}  # pre-copied, oldest first
+        self.trackers: dict[str, dict[int, UffdWp]] = {}  # resumed for the final dump
+        self.dirty_rate = 0.0
+        self.predicted_ms: float | None = None
+        self.memory = 0
         self.frozen_at = 0.0
+        self.final_how: dict[str, str] = {}  # container -> how its final image was made
 
     def status(self) -> dict:
         return {"id": self.req.id, "phase": self.phase, "iterations": self.iterations,
                 "transferredBytes": self.transferred, "remainingBytes": self.remaining,
-                "dirtyRate": 0, "predictedDowntimeMs": None, "downtimeMs": self.downtime_ms,
+                "dirtyRate": round(self.dirty_rate), "predictedDowntimeMs": self.predicted_ms,
+                "downtimeMs": self.downtime_ms, "memoryBytes": self.memory,
                 "message": self.message, "sourceNode": self.node, "targetNode": self.req.target,
                 "pod": {"namespace": self.req.namespace, "name": self.req.name, "uid": self.req.uid},
-                "containers": [c.name for c in self.containers], "pausePhases": self.pause_phases}
+                "containers": [c.name for c in self.containers], "pausePhases": self.pause_phases,
+                "finalImages": self.final_how}
 
     # -- the whole run --------------------------------------------------------------------
 
     async def run(self) -> None:
+        pids = {pid for c in self.containers for pid in [c.pid] + procfs.descendants(c.pid)}
+        if self.lend_tracking is not None:
+            await self.lend_tracking(pids, True)
+        try:
+            await self._run()
+        finally:
+            if self.lend_tracking is not None:
+                await self.lend_tracking(pids, False)
+
+    async def _run(self) -> None:
         try:
             try:
+                self.out.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self.memory = await asyncio.to_thread(lambda: sum(_memory_bytes(c.pid) for c in self.containers))
+                self.remaining = self.memory
                 await self._create_on_target()
+                if self.req.policy.precopy:
+                    await self._precopy()
                 self._check_wanted()
                 await self._finalize()
                 await self._restore_on_target()
@@ -128,11 +158,46 @@ class PodMigration:
         await _call(self.session, "POST", self.req.base_url, body)
         self.created_on_target = True
 
+    # -- pre-copy (memsnap's tracker and layers, as for a process) ---------------------------
+
+    async def _precopy(self) -> None:
+        """Rounds over every container: a layer each (all memory, then what was written since),
+        sent while the pod runs, until the planner predicts a pause that fits. Auto-converge's
+        CPU throttle is not applied to pods (it would move the containers' tasks out of their
+        cgroups); the timeouts apply."""
+        planner = Planner(self.req.policy, self.memory, _fixed_cost())
+        last_collect = time.monotonic()
+        while True:
+            self._check_wanted()
+            pages = sent_bytes = 0
+            first_collect = None
+            for c in self.containers:
+                parent = self.layers[c.name][-1] if self.layers[c.name] else None
+                target = self.out / f"{c.name}.l{len(self.layers[c.name])}"
+                layer = await asyncio.to_thread(precopy.write, c.pid, target, parent)
+                first_collect = first_collect or time.monotonic()  # the round's dirty sets were taken about now
+                self.layers[c.name].append(layer)
+                sent = await transfer.send_layer(self.session, self.req.base_url, layer, self.limiter)
+                self.transferred += sent.bytes
+                sent_bytes += sent.bytes
+                pages += read_manifest(layer).pages
+            r = Round(len(planner.rounds), pages, sent_bytes, first_collect - last_collect,
+                      time.monotonic() - first_collect)
+            last_collect = first_collect
+            decision = planner.observe(r)
+            self.iterations, self.remaining = len(planner.rounds), r.remaining_bytes
+            self.dirty_rate, self.predicted_ms = r.dirty_rate, round(r.predicted_downtime_ms, 1)
+            if decision.action == "finalize":
+                self.message = f"pre-copy converged: {decision.reason}"
+                return
+            if decision.action == "fail":
+                raise MigrationError(decision.reason)
+
     # -- the pause -------------------------------------------------------------------------
 
     async def _finalize(self) -> None:
         self.phase = "Finalizing"
-        self.out.mkdir(mode=0o700, parents=True, exist_ok=True)
+        await asyncio.to_thread(self._prepare_tracking)
         began = time.monotonic()
         await asyncio.to_thread(self._freeze)
         self.frozen_at = time.monotonic()
@@ -146,6 +211,24 @@ class PodMigration:
             self.transferred += sent.bytes
             self.pause_phases[f"transfer {c.name}"] = _ms(time.monotonic() - t)
 
+    def _prepare_tracking(self) -> None:
+        """Before the freeze (it needs the tasks running): the pre-copy trackers take back the
+        write-protection, and the userfaultfd injected into the tasks is closed there (CRIU
+        cannot dump one) while our duplicate keeps tracking."""
+        for c in self.containers:
+            pids = [c.pid] + procfs.descendants(c.pid)
+            trackers = {pid: registry.resume(pid, VmaSelection()) for pid in pids if registry.parked_backend(pid)}
+            self.trackers[c.name] = trackers
+            for t in trackers.values():
+                t.drop_target_fd()
+
+    def _release_tracking(self, name: str) -> None:
+        for t in self.trackers.pop(name, {}).values():
+            try:
+                t.close()
+            except (TrackingError, OSError) as exc:
+                log.error("could not release tracking of pid %d: %s", t.pid, exc)
+
     def _freeze(self) -> None:
         """Every app container of the pod stops at once (one pause for the pod, consistent
         between its containers) and stays stopped through the checkpoints."""
@@ -155,16 +238,39 @@ class PodMigration:
             f.freeze()
 
     def _checkpoint(self, c: PodContainer) -> Path:
+        """runc checkpoint of a frozen container. With a pre-copied chain whose every task is
+        uffd-wp tracked, CRIU writes only the pages written since the last layer (memsnap's CRIU,
+        --track-mem-uffd, given through runc's CRIU configuration file) and refers to the chain
+        for the rest; otherwise every page."""
         work = self.out / f"{c.name}.work"
         work.mkdir(mode=0o700, exist_ok=True)
-        with LayerWriter(self.out / c.name) as out:
-            began = time.monotonic()
-            podruntime.checkpoint(c, out.dir, work, None)
-            took = time.monotonic() - began
-            manifest = Manifest(kind="final", parent=None, pids=[c.pid], backend="runc", pages=0, bytes=0,
-                                described_pages=0, seconds=round(took, 6),
-                                how="runc checkpoint --leave-running (every page)")
-            return out.commit(manifest)
+        parent = self.layers[c.name][-1] if self.layers[c.name] else None
+        trackers = self.trackers.get(c.name, {})
+        pids = [c.pid] + procfs.descendants(c.pid)
+        delta = (parent is not None and set(trackers) == set(pids) and trackers
+                 and all(isinstance(t, UffdWp) for t in trackers.values())
+                 and (parent / "inventory.img").is_file() and criu.has_uffd_tracking())
+        try:
+            with LayerWriter(self.out / c.name) as out:
+                began = time.monotonic()
+                if delta:
+                    ids = procfs.image_ids(c.pid, sorted(trackers))
+                    written = sum(t.hand_over(described_in(parent, ids[pid])).pages for pid, t in trackers.items())
+                    podruntime.checkpoint(c, out.dir, work, parent, ["track-mem-uffd"])
+                    how = ("runc checkpoint --leave-running --parent-path, CRIU --track-mem-uffd: only the "
+                           f"pages written since {parent.name} ({written} seen by the tracker)")
+                else:
+                    self._release_tracking(c.name)
+                    podruntime.checkpoint(c, out.dir, work, None)
+                    how = "runc checkpoint --leave-running (every page)"
+                took = time.monotonic() - began
+                rel = f"../{parent.name}" if delta else None
+                manifest = Manifest(kind="final", parent=rel, pids=sorted(pids), backend="runc", pages=0, bytes=0,
+                                    described_pages=0, seconds=round(took, 6), how=how)
+                self.final_how[c.name] = how
+                return out.commit(manifest)
+        finally:
+            self._release_tracking(c.name)  # the dump is written (or failed): CRIU needed them until now
 
     async def _restore_on_target(self) -> None:
         self.phase = "Restoring"
@@ -220,6 +326,9 @@ class PodMigration:
         log.warning("pod migration %s of %s to %s failed, rolling back: %s", self.req.id, self.req.pod,
                     self.req.target, why)
         problems = []
+        for c in self.containers:  # no userfaultfd or write-protection left behind
+            self._release_tracking(c.name)
+            await asyncio.to_thread(_restore_source, c.pid, self.starttimes[c.name], None)
         if self.created_on_target:
             try:
                 await asyncio.wait_for(_call(self.session, "DELETE", self.req.base_url, None), 10)
