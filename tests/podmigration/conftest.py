@@ -45,8 +45,9 @@ def counter_pod(name: str, node: str, mib: int = 64, image: str = IMAGE) -> dict
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": "default",
                                                             "labels": {"app": name}},
             "spec": {"nodeName": node, "terminationGracePeriodSeconds": 1,
+                     "volumes": [{"name": "scratch", "emptyDir": {}}],
                      "containers": [{"name": "counter", "image": image, "imagePullPolicy": "Never",
-                                     "args": [str(mib)]}]}}
+                                     "args": [str(mib)], "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}]}}
 
 
 def target_pod(source: dict, name: str, node: str, mig_id: str) -> dict:

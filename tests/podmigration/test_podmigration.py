@@ -56,8 +56,15 @@ def _restarts(kubectl, name: str) -> int:
     return kubectl.json("get", "pod", name)["status"]["containerStatuses"][0]["restartCount"]
 
 
+def _scratch(node: str, uid: str) -> str:
+    return f"/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/scratch"
+
+
 def test_pod_moves_to_another_node_with_its_memory(kubectl, counter_image, runtime_class, agent_api, pods):
     pod, first = _start_source(kubectl, pods, "pm-move")
+    note = f"written on {SOURCE} before the move\n"
+    runtime.run(SOURCE, ["sh", "-c", 'mkdir -p "$1/sub" && printf %s "$2" > "$1/sub/note"', "sh",
+                         _scratch(SOURCE, pod["metadata"]["uid"]), note], check=True)
     mig_id = new_id()
     status, started = _migrate(agent_api, pod, mig_id, "pm-move-2")
     assert status == 202, started
@@ -78,6 +85,9 @@ def test_pod_moves_to_another_node_with_its_memory(kubectl, counter_image, runti
     assert (after.token, after.sum) == (first.token, first.sum)  # same process, memory exact
     assert "start token" not in kubectl("logs", "pm-move-2").stdout  # restored, not started
     assert not _incoming_exists(mig_id)
+    moved_note = runtime.run(TARGET, ["cat", _scratch(TARGET, moved["metadata"]["uid"]) + "/sub/note"],
+                             capture_output=True, text=True)
+    assert moved_note.stdout == note, moved_note.stderr  # the emptyDir came along
     kubectl.wait_for(lambda: not [p for p in runtime.list_nodes() if p.name == SOURCE] or
                      _no_counter_on(SOURCE), "the source's processes to be gone", timeout=60)
     print(f"pause felt by the workload: {after.maxgap_ms} ms; agent's downtime {done['downtimeMs']} ms; {done['finalImages']}; "

@@ -19,6 +19,9 @@ from .. import cgroupfs
 TASKS = Path("/run/containerd/io.containerd.runtime.v2.task/k8s.io")
 RUNC_ROOT = "/run/containerd/runc/k8s.io"
 RUNC = "/usr/sbin/runc"
+KUBELET_PODS = "/var/lib/kubelet/pods"
+EMPTY_DIRS = "volumes/kubernetes.io~empty-dir"
+EMPTY_DIR_ARCHIVE = "emptydir.tar"  # in the first container's final image; memsnap-runc unpacks it
 A_TYPE = "io.kubernetes.cri.container-type"
 A_NAME = "io.kubernetes.cri.container-name"
 A_SANDBOX = "io.kubernetes.cri.sandbox-id"
@@ -130,3 +133,15 @@ def _log_tail(path: Path, lines: int = 5) -> str:
     except OSError:
         return ""
     return ("; CRIU: " + " | ".join(errors[-lines:])) if errors else ""
+
+
+def pack_empty_dirs(uid: str, archive: Path, timeout: float = 300.0) -> bool:
+    """The pod's emptyDir volumes (every one, by volume name) as a tar archive; False when the
+    pod has none. Read in the node's mount namespace, where the kubelet keeps them."""
+    script = '[ -d "$1" ] && [ -n "$(ls -A "$1")" ] || exit 3; exec tar -C "$1" -cf "$2" .'
+    proc = run_node(["sh", "-c", script, "sh", f"{KUBELET_PODS}/{uid}/{EMPTY_DIRS}", str(archive)], timeout)
+    if proc.returncode == 3:
+        return False
+    if proc.returncode != 0:
+        raise PodRuntimeError(f"cannot pack the pod's emptyDir volumes: {proc.stderr.strip()[-300:]}")
+    return True

@@ -263,6 +263,8 @@ class PodMigration:
                     self._release_tracking(c.name)
                     podruntime.checkpoint(c, out.dir, work, None)
                     how = "runc checkpoint --leave-running (every page)"
+                if c is self.containers[0] and podruntime.pack_empty_dirs(self.req.uid, out.dir / podruntime.EMPTY_DIR_ARCHIVE):
+                    how += "; the pod's emptyDir volumes packed beside it"
                 took = time.monotonic() - began
                 rel = f"../{parent.name}" if delta else None
                 manifest = Manifest(kind="final", parent=rel, pids=sorted(pids), backend="runc", pages=0, bytes=0,
