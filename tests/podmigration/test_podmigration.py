@@ -118,19 +118,28 @@ def test_a_failed_restore_rolls_back(kubectl, counter_image, runtime_class, agen
     assert not _incoming_exists(mig_id)
 
 
-def test_delete_mid_migration_rolls_back(kubectl, counter_image, runtime_class, agent_api, pods):
-    pod, first = _start_source(kubectl, pods, "pm-abort", mib=16)
+@pytest.mark.parametrize("when", ["PreCopying", "Restoring"])
+def test_delete_mid_migration_rolls_back(kubectl, counter_image, runtime_class, agent_api, pods, when):
+    """DELETE while pre-copy runs (a slow link: 8 MiB/s for 64 MiB), or while the source is
+    frozen waiting for a target pod that never comes."""
+    name = f"pm-abort-{when.lower()}"
+    pod, first = _start_source(kubectl, pods, name, mib=64 if when == "PreCopying" else 16)
     mig_id = new_id()
-    status, _ = _migrate(agent_api, pod, mig_id, "pm-abort-2")
+    body = {"pod": {"namespace": "default", "name": name, "uid": pod["metadata"]["uid"]}, "id": mig_id, "to": TARGET,
+            "targetPod": {"namespace": "default", "name": name + "-2"}}
+    if when == "PreCopying":
+        body["bandwidth"] = 8
+    status, _ = agent_api.call(SOURCE, "POST", "/api/v1/migrations", body)
     assert status == 202
-    # No target pod yet: the migration waits in Restoring with the source frozen.
-    _wait_phase(kubectl, agent_api, mig_id, ("Restoring",))
+    kubectl.wait_for(lambda: _incoming_exists(mig_id) or None, "the target to hear of the migration")
+    _wait_phase(kubectl, agent_api, mig_id, (when,))
+    time.sleep(1.0)
     status, st = agent_api.call(SOURCE, "DELETE", f"/api/v1/migrations/{mig_id}")
     assert status == 200 and st["phase"] == "RolledBack", st
     assert "cancelled" in st["message"]
     status, again = agent_api.call(SOURCE, "DELETE", f"/api/v1/migrations/{mig_id}")
     assert status == 200 and again["phase"] == "RolledBack"
-    _assert_runs_on(kubectl, "pm-abort", first)
+    _assert_runs_on(kubectl, name, first)
     assert not _incoming_exists(mig_id)
 
 

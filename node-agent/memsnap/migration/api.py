@@ -66,7 +66,7 @@ def setup(app: web.Application, tls: pki.TlsFiles, lend_tracking=None) -> None:
     me = pki.identity_of(tls.cert.read_bytes())
     app[TARGET], app[CONTEXT] = Target(), MigrationContext(me.name, pki.client_context(tls))
     app[CONTEXT].lend_tracking = lend_tracking
-    for line in app[TARGET].recover() + source.recover():
+    for line in app[TARGET].recover() + podsource.recover() + source.recover():
         log.warning("%s", line)
     base = "/api/v1/incoming/{id}"
     auth.add_routes(app, [

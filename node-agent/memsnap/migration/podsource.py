@@ -19,6 +19,7 @@ It runs in the background: the API answers at once and reports status() when ask
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -47,6 +48,7 @@ RESTORE_WAIT = 150.0  # s for the target's containers to be restored (kubelet's 
 POLL = 0.05
 PHASES = ("PreCopying", "Finalizing", "Restoring", "HandedOver", "Completed", "Failed", "RolledBack")
 ENDED = ("Completed", "Failed", "RolledBack")
+POD_RECORD = "pod.json"  # in outgoing/<id>/: what recover() needs
 
 
 @dataclass
@@ -124,6 +126,7 @@ class PodMigration:
         try:
             try:
                 self.out.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._record()
                 self.memory = await asyncio.to_thread(lambda: sum(_memory_bytes(c.pid) for c in self.containers))
                 self.remaining = self.memory
                 await self._create_on_target()
@@ -139,6 +142,7 @@ class PodMigration:
                     raise
                 return
             self.phase, self.message = "HandedOver", "the target's containers run; the source's are frozen"
+            self._record()
             try:
                 await asyncio.wait_for(self.completed.wait(), COMPLETE_WAIT)
                 why = "completed"
@@ -232,9 +236,9 @@ class PodMigration:
     def _freeze(self) -> None:
         """Every app container of the pod stops at once (one pause for the pod, consistent
         between its containers) and stays stopped through the checkpoints."""
-        for c in self.containers:
-            f = podruntime.freezer(c)
-            self.freezers.append(f)
+        self.freezers = [podruntime.freezer(c) for c in self.containers]
+        self._record()  # before freezing: an agent that dies from here on leaves a way back
+        for f in self.freezers:
             f.freeze()
 
     def _checkpoint(self, c: PodContainer) -> Path:
@@ -300,6 +304,17 @@ class PodMigration:
 
     # -- hand-over and rollback ------------------------------------------------------------
 
+    def _record(self) -> None:
+        """What recover() needs if this agent dies mid-migration: whose tracking to release,
+        which freezers to thaw, and whether the target already holds the pod (then the frozen
+        source copy is killed, never thawed: two copies must not run)."""
+        data = {"pod": self.req.pod, "handed_over": self.phase in ("HandedOver", "Completed"),
+                "containers": [[c.pid, self.starttimes[c.name]] for c in self.containers],
+                "freezers": [[str(f.path), f.v2] for f in self.freezers], "cgroups": [str(p) for p in self.cgroups]}
+        tmp = self.out / ".pod.json.tmp"
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, self.out / POD_RECORD)
+
     def complete(self) -> None:
         self.completed.set()
 
@@ -313,15 +328,7 @@ class PodMigration:
     def _end_source(self) -> None:
         """SIGKILL every process of the pod's app containers while frozen, then thaw: a frozen
         task dies on the thaw without running another instruction of its own."""
-        paths = self.cgroups
-        for pid in cgroupfs.tasks(paths):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        for f in self.freezers:
-            f.thaw()
-        cgroupfs.kill_tasks(paths, f"pod {self.req.pod}'s containers")
+        _kill_frozen(self.cgroups, self.freezers, self.req.pod)
 
     async def _rollback(self, exc: BaseException) -> None:
         why = str(exc) or type(exc).__name__
@@ -347,6 +354,49 @@ class PodMigration:
         else:
             self.phase = "RolledBack"
         self.message = f"{why}; rolled back: the pod runs on {self.node}" + (f" ({'; '.join(problems)})" if problems else "")
+
+
+def recover() -> list[str]:
+    """At agent start: pod migrations an earlier agent left. Before the hand-over the pod runs
+    on here, thawed and untracked (the target's lease drops its half); after it, the frozen
+    source copy is ended."""
+    done = []
+    if not OUTGOING.is_dir():
+        return done
+    for d in sorted(OUTGOING.iterdir()):
+        try:
+            rec = json.loads((d / POD_RECORD).read_text())
+        except (OSError, ValueError):
+            continue  # not a pod migration (source.recover's)
+        freezers = [cgroupfs.Freezer(Path(p), bool(v2)) for p, v2 in rec.get("freezers", [])]
+        try:
+            if rec.get("handed_over"):
+                _kill_frozen([Path(p) for p in rec.get("cgroups", [])], freezers, rec.get("pod", ""))
+                done.append(f"pod migration {d.name} of {rec.get('pod')} was handed over: its source copy was ended")
+            else:
+                for f in freezers:
+                    if f.path.exists():
+                        f.thaw()
+                for pid, starttime in rec.get("containers", []):
+                    _restore_source(int(pid), int(starttime), None)
+                done.append(f"pod migration {d.name} of {rec.get('pod')} was cut short: the pod runs on here")
+        except Exception as exc:  # noqa: BLE001 - recover the others
+            done.append(f"could not recover pod migration {d.name}: {exc}")
+        shutil.rmtree(d, ignore_errors=True)
+    return done
+
+
+def _kill_frozen(cgroups: list[Path], freezers: list[cgroupfs.Freezer], what: str) -> None:
+    """SIGKILL every task while frozen, then thaw: none runs another instruction of its own."""
+    for pid in cgroupfs.tasks(cgroups):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    for f in freezers:
+        if f.path.exists():
+            f.thaw()
+    cgroupfs.kill_tasks(cgroups, f"pod {what}'s containers")
 
 
 def _ms(seconds: float) -> float:
