@@ -161,3 +161,40 @@ def test_unknown_pod_and_id_are_refused(kubectl, agent_api):
     assert status == 404 and "no migration nothing-here" in answer["error"]
     status, answer = agent_api.call(SOURCE, "DELETE", "/api/v1/migrations/nothing-here")
     assert status == 404
+
+
+def test_a_pod_with_two_containers_moves_in_one_pause(kubectl, counter_image, runtime_class, agent_api, pods):
+    manifest = counter_pod("pm-duo", SOURCE, 16)
+    second = dict(manifest["spec"]["containers"][0], name="second", args=["8"])
+    manifest["spec"]["containers"].append(second)
+    kubectl.apply(manifest)
+    pods.append("pm-duo")
+    pod = kubectl.pod_running("pm-duo")
+
+    def both(name):
+        def counting():
+            got = {c: _lines_of(kubectl, name, c) for c in ("counter", "second")}
+            return got if all(got.values()) else None
+        return counting
+    first = kubectl.wait_for(both("pm-duo"), "both containers counting")
+    mig_id = new_id()
+    status, started = _migrate(agent_api, pod, mig_id, "pm-duo-2")
+    assert status == 202 and sorted(started["containers"]) == ["counter", "second"], started
+    kubectl.apply(target_pod(kubectl.json("get", "pod", "pm-duo"), "pm-duo-2", TARGET, mig_id))
+    pods.append("pm-duo-2")
+    st = _wait_phase(kubectl, agent_api, mig_id, ("HandedOver", "RolledBack", "Failed"))
+    assert st["phase"] == "HandedOver", st["message"]
+    kubectl("delete", "pod", "pm-duo", "--grace-period=0", "--force")
+    status, done = agent_api.call(SOURCE, "POST", f"/api/v1/migrations/{mig_id}/complete")
+    assert status == 200 and done["phase"] == "Completed", done
+    after = kubectl.wait_for(both("pm-duo-2"), "both restored containers counting")
+    moved = kubectl.json("get", "pod", "pm-duo-2")
+    assert [s["restartCount"] for s in moved["status"]["containerStatuses"]] == [0, 0]
+    for c in ("counter", "second"):
+        assert (after[c][-1].token, after[c][-1].sum) == (first[c][-1].token, first[c][-1].sum), c
+
+
+def _lines_of(kubectl, pod: str, container: str):
+    from .conftest import LINE, Line
+    out = kubectl("logs", pod, "-c", container, check=False).stdout
+    return [Line(m[1], int(m[2]), m[3], float(m[4])) for m in map(LINE.match, out.splitlines()) if m]
