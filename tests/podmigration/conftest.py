@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from memsnap.cluster import oci
-from memsnap.cluster.testing import cluster, kubectl  # noqa: F401  (fixtures)
 from memsnap.nodes import agents
 
 IMAGE = "memsnap.local/counter:1"
@@ -21,7 +20,7 @@ LINE = re.compile(r"^token=(\w+) count=(\d+) sum=(\w+) maxgap_ms=([\d.]+)$")
 
 
 @pytest.fixture(scope="session")
-def counter_image(cluster, tmp_path_factory) -> str:  # noqa: F811
+def counter_image(cluster, tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("counter")
     binary = d / "counter"
     subprocess.run(["gcc", "-O2", "-static", "-o", str(binary), str(HERE / "counter.c")], check=True)
@@ -32,7 +31,7 @@ def counter_image(cluster, tmp_path_factory) -> str:  # noqa: F811
 
 
 @pytest.fixture(scope="session")
-def runtime_class(kubectl) -> str:  # noqa: F811
+def runtime_class(kubectl) -> str:
     existed = kubectl("get", "runtimeclass", "memsnap", check=False).returncode == 0
     kubectl.apply({"apiVersion": "node.k8s.io/v1", "kind": "RuntimeClass", "metadata": {"name": "memsnap"},
                    "handler": "memsnap"})
@@ -68,7 +67,7 @@ class Line:
     maxgap_ms: float
 
 
-def lines(kubectl, name: str) -> list[Line]:  # noqa: F811
+def lines(kubectl, name: str) -> list[Line]:
     out = kubectl("logs", name, check=False).stdout
     return [Line(m[1], int(m[2]), m[3], float(m[4])) for m in map(LINE.match, out.splitlines()) if m]
 

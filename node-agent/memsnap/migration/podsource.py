@@ -2,9 +2,11 @@
 on this node moves to a target pod on another node, which kubelet created there through
 RuntimeClass memsnap and whose containers memsnap-runc restores at `create`.
 
-    PreCopying  -> the target is told which containers come; (pre-copy rounds)
-    Finalizing  -> the pod's freezer cgroup is frozen (all its containers stop together),
-                   `runc checkpoint --leave-running` of each container, each sent
+    PreCopying  -> the target is told which containers come; pre-copy rounds of memsnap
+                   layers per container (tracker + CRIU-format images), sent while it runs
+    Finalizing  -> every app container's freezer cgroup is frozen (one pause for the pod),
+                   `runc checkpoint --leave-running --parent-path <last layer>` of each, with
+                   CRIU writing only what changed (--track-mem-uffd), each sent
     Restoring   -> the target's agent marks the images ready; the target's wrapper restores
                    them when kubelet creates the containers; the target confirms they run
     HandedOver  -> the target holds the pod (committed); the source's copy stays frozen until
@@ -13,6 +15,7 @@ RuntimeClass memsnap and whose containers memsnap-runc restores at `create`.
                    code of theirs ran again
     RolledBack  -> any failure (or DELETE) before HandedOver: the source thawed and running,
                    nothing left on the target; Failed: what could not even be rolled back
+                   (or, after the hand-over, ended)
 
 It runs in the background: the API answers at once and reports status() when asked.
 """
