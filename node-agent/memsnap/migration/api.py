@@ -16,7 +16,9 @@ Target side (called by the source node's agent; only that node may drive its mig
     GET    /api/v1/incoming/{id}/layers/{layer}/files/{name}         {"size": bytes held}
     PUT    /api/v1/incoming/{id}/layers/{layer}/files/{name}?offset=N  streamed body
     POST   /api/v1/incoming/{id}/layers/{layer}/commit               the layer's manifest
-    POST   /api/v1/incoming/{id}/restore      {"layer"} -> {"pid", "restore_seconds"}
+    POST   /api/v1/incoming/{id}/restore      {"layer"} -> {"pid", "restore_seconds"}; a pod migration's
+                                              container: marked ready for memsnap-runc -> {"state"}, and
+                                              GET .../{id} says restoring, restored or failed
     POST   /api/v1/incoming/{id}/commit       the source has handed over; answers after the
                                               background fill -> {"fill_seconds"}
 """

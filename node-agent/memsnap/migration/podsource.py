@@ -42,7 +42,7 @@ from ..tracking.uffd_wp import UffdWp
 from . import podruntime, transfer
 from .planner import Planner, Policy, Round
 from .podruntime import PodContainer
-from .source import OUTGOING, MigrationError, _call, _fixed_cost, _memory_bytes, _restore_source
+from .source import COMMIT_WAIT, OUTGOING, MigrationError, _call, _fixed_cost, _memory_bytes, _restore_source
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class PodMigration:
                 self._check_wanted()
                 await self._finalize()
                 await self._restore_on_target()
-                await _call(self.session, "POST", f"{self.req.base_url}/commit", {})
+                await self._commit()
             except BaseException as exc:
                 await self._rollback(exc)
                 if not isinstance(exc, Exception):
@@ -306,6 +306,23 @@ class PodMigration:
         self.pause_phases["until running"] = _ms(running - t)
 
     # -- hand-over and rollback ------------------------------------------------------------
+
+    async def _commit(self) -> None:
+        """The target keeps the pod. If the answer is lost, ask again until the target says:
+        committed (410 for a repeat: it was), or gone (404: its lease dropped it, roll back)."""
+        deadline = time.monotonic() + COMMIT_WAIT
+        while True:
+            try:
+                await _call(self.session, "POST", f"{self.req.base_url}/commit", {})
+                return
+            except MigrationError as exc:
+                if "answered 410" in str(exc):
+                    return
+                raise
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise MigrationError(f"could not commit the hand-over to {self.req.target}: {exc}") from None
+                await asyncio.sleep(1.0)
 
     def _record(self) -> None:
         """What recover() needs if this agent dies mid-migration: whose tracking to release,

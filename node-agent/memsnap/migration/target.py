@@ -108,6 +108,7 @@ class Target:
         self.active: dict[str, Incoming] = {}
         self.fills: dict[str, Fill] = {}  # lazy restores still filling or not yet committed
         self.committing: set[str] = set()  # waiting for their fill: the lease does not run
+        self.committed_pods: dict[str, str] = {}  # pod migration id -> source, once committed
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -160,6 +161,8 @@ class Target:
 
     def get(self, mig_id: str, source: str) -> Incoming:
         inc = self.active.get(mig_id)
+        if inc is None and self.committed_pods.get(mig_id) == source:  # a commit whose answer was lost
+            raise TargetError(f"migration {mig_id} was committed on this node", 410)
         if inc is None:
             raise TargetError(f"no migration {mig_id} on this node", 404)
         if inc.source != source:  # only the node that started it may drive it
@@ -244,6 +247,8 @@ class Target:
         if inc.state != "restored":
             raise TargetError(f"migration {inc.id} has nothing restored to commit", 409)
         fill_seconds = self._wait_fill(inc)
+        if inc.pod:
+            self.committed_pods = {**dict(list(self.committed_pods.items())[-999:]), inc.id: inc.source}
         inc.state = "committed"
         self.active.pop(inc.id, None)
         shutil.rmtree(inc.dir, ignore_errors=True)
