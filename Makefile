@@ -7,9 +7,10 @@ setup:
 demo: setup
 	.venv/bin/memsnap demo
 
-# The cluster's Kubernetes binaries first (cached; ~12 min cold): outside pytest's per-test timeout.
+# The cluster's Kubernetes binaries and the memsnap image first (cached; ~12 min cold): outside pytest's per-test timeout.
 test: setup
 	.venv/bin/memsnap cluster build >/dev/null
+	.venv/bin/memsnap cluster images >/dev/null
 	.venv/bin/python -m pytest -ra
 
 test-quick: setup

@@ -65,7 +65,9 @@ def make_app(cfg: Config) -> web.Application:
                      web.get("/api/v1/pods/{namespace}/{name}", api_pod),
                      web.get("/api/v1/status", api_status)], kind=READ)
     if cfg.tls is not None:  # moving memory needs mutual TLS: no migrations without it
-        migration_api.setup(app, cfg.tls)
+        worker = app[STATE].worker  # the pool's own thread: lending never overlaps a cycle
+        migration_api.setup(app, cfg.tls, lambda pids, lend: asyncio.get_running_loop().run_in_executor(
+            worker, pool.lend if lend else pool.give_back, pids))
     app.cleanup_ctx.append(_background)
     return app
 

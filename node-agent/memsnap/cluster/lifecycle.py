@@ -17,7 +17,7 @@ from typing import Callable
 
 from memsnap import nodes
 from memsnap.filelock import locked
-from memsnap.cluster import api, controlplane, kubeconfig, state, worker
+from memsnap.cluster import api, chart, controlplane, kubeconfig, state, worker
 from memsnap.cluster import build as kbuild
 from memsnap.nodes import net
 from memsnap.nodes import runtime as nodes_runtime
@@ -45,6 +45,7 @@ class Status:
     components: dict[str, str] = field(default_factory=dict)  # control plane: "running" or why not
     nodes: dict[str, str] = field(default_factory=dict)  # node: "Ready" or why not
     kubeconfig: str = ""
+    memsnap: str = ""  # what the chart installed: "agents Ready on 2 of 2 nodes ...", or "bare"
 
     @property
     def healthy(self) -> bool:
@@ -63,8 +64,11 @@ def _stderr(msg: str) -> None:
 
 # ---- up ----------------------------------------------------------------------------------
 
-def up(count: int = 2, bare: bool = True, log: Log | None = None) -> Status:
-    """Start a cluster of `count` workers; AlreadyUp if a healthy one runs (a broken one is cleared)."""
+def up(count: int = 2, bare: bool = False, log: Log | None = None, operator: bool = True,
+       wait_operator: bool = True) -> Status:
+    """Start a cluster of `count` workers with memsnap installed by its chart (bare: without);
+    AlreadyUp if a healthy one runs (a broken one is cleared). operator, wait_operator: as for
+    chart.install."""
     log = log or _stderr
     limit = min(state.MAX_NODES, net.MAX_NODES)
     if not 1 <= count <= limit:
@@ -73,8 +77,9 @@ def up(count: int = 2, bare: bool = True, log: Log | None = None) -> Status:
     with locked(LOCK_FILE):
         _clear_previous(log)
         started = time.monotonic()
-        st = _start(count, bare, log)
-        log(f"memsnap: cluster up with {count} Ready nodes in {time.monotonic() - started:.1f} s; "
+        st = _start(count, bare, log, lambda workers: chart.install(workers, log, operator, wait_operator))
+        what = "" if bare else " and memsnap installed"
+        log(f"memsnap: cluster up with {count} Ready nodes{what} in {time.monotonic() - started:.1f} s; "
             f"kubeconfig: {state.ADMIN_KUBECONFIG}")
         return _status(st)
 
@@ -91,7 +96,7 @@ def _clear_previous(log: Log) -> None:
     _teardown(old)
 
 
-def _start(count: int, bare: bool, log: Log) -> state.State:
+def _start(count: int, bare: bool, log: Log, install: Callable[[list[worker.Worker]], None]) -> state.State:
     b = kbuild.ensure(log)
     names = [nodes_runtime.node_name(i) for i in range(1, count + 1)]
     st = state.State(nodes=names, bare=bare)
@@ -107,6 +112,9 @@ def _start(count: int, bare: bool, log: Log) -> state.State:
     worker.route(workers)
     _wait_ready(st)
     _wait_service_account()
+    worker.route_kubernetes_service(workers, _kubernetes_service_ip())
+    if not bare:
+        install(workers)
     return st
 
 
@@ -146,6 +154,35 @@ def _wait_service_account(timeout: float = 60.0) -> None:
             raise ClusterError("no token for the default service account after "
                                f"{timeout:.0f} s; log: {state.LOG_DIR / 'kube-controller-manager.log'}")
         time.sleep(0.5)
+
+
+def _kubernetes_service_ip(timeout: float = 30.0) -> str:
+    """The ClusterIP of the `kubernetes` Service (the API server makes it at start)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ip = api.get("/api/v1/namespaces/default/services/kubernetes").get("spec", {}).get("clusterIP")
+        if ip:
+            return ip
+        if time.monotonic() > deadline:
+            raise ClusterError(f"no `kubernetes` Service after {timeout:.0f} s; "
+                               f"log: {state.LOG_DIR / 'kube-apiserver.log'}")
+        time.sleep(0.5)
+
+
+# ---- install ------------------------------------------------------------------------------
+
+def install(log: Log | None = None, operator: bool = True, wait_operator: bool = True) -> None:
+    """Install or upgrade memsnap in the running cluster from the checkout as it is now (the
+    image rebuilt if the code changed, the release upgraded, pods rolled)."""
+    _require_root()
+    with locked(LOCK_FILE):
+        st = state.load()
+        if st is None or not _status(st).healthy:
+            raise BadRequest("no healthy cluster is up (run `memsnap cluster up`; `status` says what is wrong)")
+        workers = [worker.Worker(n.name, n.index, n.address) for n in (nodes.get(name) for name in st.nodes)]
+        chart.install(workers, log or _stderr, operator, wait_operator)
+        st.bare = False
+        state.save(st)
 
 
 # ---- down --------------------------------------------------------------------------------
@@ -189,7 +226,8 @@ def _status(st: state.State) -> Status:
         components["kube-apiserver"] = str(exc)
         conditions = None
     return Status(up=True, components=components, nodes={n: _node_status(n, conditions) for n in st.nodes},
-                  kubeconfig=str(state.ADMIN_KUBECONFIG))
+                  kubeconfig=str(state.ADMIN_KUBECONFIG),
+                  memsnap="bare (no chart)" if st.bare else chart.describe(len(st.nodes)) if conditions else "")
 
 
 def _node_status(name: str, conditions: dict[str, dict] | None) -> str:

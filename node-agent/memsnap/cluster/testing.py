@@ -111,7 +111,10 @@ class LocalCluster:
         if os.geteuid() != 0:
             pytest.skip("the cluster needs root")
         self._was_up = state.load() is not None
-        proc = run_cli("up", "--nodes", str(COUNT), timeout=3600)
+        # The chart without its operator running: tests/operator run their own (one operator at a
+        # time); tests/chart scale the chart's up to check it.
+        flags = ["--bare"] if bare_cluster() else ["--no-operator"]
+        proc = run_cli("up", "--nodes", str(COUNT), *flags, timeout=3600)
         assert proc.returncode == 0, f"memsnap cluster up failed:\n{proc.stderr}"
 
     def load(self, archive: Path) -> None:
@@ -160,6 +163,11 @@ class KindCluster:
 
 KIND_DIR = Path(__file__).resolve().parent / "kind"
 BACKEND_ENV = "MEMSNAP_TEST_CLUSTER"  # "local" (default) or "kind"
+BARE_ENV = "MEMSNAP_TEST_CLUSTER_BARE"  # "1": the local cluster without memsnap's chart (nodes' own agents)
+
+
+def bare_cluster() -> bool:
+    return os.environ.get(BARE_ENV, "") not in ("", "0")
 
 
 def kind_unavailable() -> str:

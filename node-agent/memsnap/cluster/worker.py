@@ -28,6 +28,9 @@ CONTAINERD_SOCK = "/run/containerd/containerd.sock"
 SYSCTLS = {"vm/overcommit_memory": "1", "vm/panic_on_oom": "0", "kernel/panic": "10",
            "kernel/panic_on_oops": "1", "kernel/keys/root_maxkeys": "1000000",
            "kernel/keys/root_maxbytes": "25000000"}
+RUNTIME_HANDLER = "memsnap"
+RUNC_WRAPPER = "/usr/local/sbin/memsnap-runc"
+RUNC_WRAPPER_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "memsnap-runc"
 STATE_TMPFS = ("/var/lib/kubelet", "/var/lib/containerd", "/var/log/pods", "/var/log/containers")
 
 
@@ -79,6 +82,13 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     default_runtime_name = "runc"
     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
       runtime_type = "io.containerd.runc.v2"
+    # RuntimeClass memsnap: pods restored from a migration (docs/cluster.md, "memsnap-runc").
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{RUNTIME_HANDLER}]
+      runtime_type = "io.containerd.runc.v2"
+      pod_annotations = ["memsnap.io/*"]
+      container_annotations = ["io.kubernetes.container.restartCount"]
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.{RUNTIME_HANDLER}.options]
+        BinaryName = "{RUNC_WRAPPER}"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "/etc/cni/net.d"
@@ -131,6 +141,7 @@ def setup(w: Worker, b: kbuild.Build, token: str) -> None:
     """Prepare the node and start containerd (with the pause image) and the kubelet."""
     nodes.run(w.name, ["sh", "-c", _PREPARE], check=True, capture_output=True, text=True)
     nodes.copy_in(b.bin("kubelet"), w.name, KUBELET)
+    nodes.copy_in(RUNC_WRAPPER_SOURCE, w.name, RUNC_WRAPPER)
     _write(w.name, f"{CONF_DIR}/containerd.toml", _containerd_config())
     _write(w.name, "/etc/cni/net.d/10-memsnap.conflist", _cni_config(w))
     _write(w.name, f"{CONF_DIR}/kubelet.yaml", _kubelet_config(w))
@@ -195,3 +206,17 @@ def route(workers: list[Worker]) -> None:
 def unroute(indexes: list[int]) -> None:
     for i in indexes:
         subprocess.run(["ip", "route", "del", state.pod_subnet(i)], capture_output=True)
+
+
+def route_kubernetes_service(workers: list[Worker], cluster_ip: str, port: int = 443) -> None:
+    """No kube-proxy here: each node DNATs the `kubernetes` Service (what in-cluster clients find in
+    KUBERNETES_SERVICE_HOST/PORT) to the API server, for host-network processes (OUTPUT) and pods
+    (PREROUTING). The API server's certificate names that ClusterIP too."""
+    rule = ["-d", f"{cluster_ip}/32", "-p", "tcp", "--dport", str(port),
+            "-j", "DNAT", "--to-destination", f"{state.API_ADDRESS}:{state.API_PORT}"]
+    for w in workers:
+        for chain in ("OUTPUT", "PREROUTING"):
+            proc = nodes.run(w.name, ["iptables", "-w", "-t", "nat", "-A", chain, *rule],
+                             capture_output=True, text=True)
+            if proc.returncode:
+                raise WorkerError(f"iptables DNAT for the kubernetes Service on {w.name}: {proc.stderr.strip()}")

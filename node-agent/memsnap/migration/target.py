@@ -27,7 +27,7 @@ from pathlib import Path
 from .. import cgroupfs, containers, procfs
 from ..checkpoint import criu, lazy
 from ..checkpoint import restore as chain_restore
-from . import transfer
+from . import podtarget, transfer
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,12 @@ class Incoming:
     layers: list[str] = field(default_factory=list)
     pid: int = 0
     starttime: int = 0
+    # a pod migration (podtarget.py): the wrapper restores its containers, not this agent
+    pod: dict = field(default_factory=dict)
+    containers: list[str] = field(default_factory=list)
+    results: dict = field(default_factory=dict)  # container -> the wrapper's outcome
+    pids: dict = field(default_factory=dict)  # container -> [pid, starttime] once restored
+    message: str = ""
     last_seen: float = field(default_factory=time.monotonic)
 
     @property
@@ -102,6 +108,7 @@ class Target:
         self.active: dict[str, Incoming] = {}
         self.fills: dict[str, Fill] = {}  # lazy restores still filling or not yet committed
         self.committing: set[str] = set()  # waiting for their fill: the lease does not run
+        self.committed_pods: dict[str, str] = {}  # pod migration id -> source, once committed
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -112,14 +119,17 @@ class Target:
             return done
         for d in sorted(self.root.iterdir()):
             inc = _load_state(d)
-            if inc is not None and inc.state == "restored":
+            if inc is not None and inc.state in ("restored", "restoring"):
                 _kill_restored(inc)
             shutil.rmtree(d, ignore_errors=True)
             done.append(f"removed incoming migration {d.name} left by an earlier agent")
         return done
 
-    def create(self, mig_id: str, source: str, container: str, argv: list[str], memory_bytes: int) -> Incoming:
+    def create(self, mig_id: str, source: str, container: str, argv: list[str], memory_bytes: int,
+               pod: dict | None = None, pod_containers: list[str] | None = None) -> Incoming:
         _check(ID, mig_id, "migration id")
+        if pod:
+            return self._create_pod(mig_id, source, pod, pod_containers or [], memory_bytes)
         if container:
             containers.check_name(container)
         if mig_id in self.active:
@@ -134,8 +144,25 @@ class Target:
         self._save(inc)
         return inc
 
+    def _create_pod(self, mig_id: str, source: str, pod: dict, names: list[str], memory_bytes: int) -> Incoming:
+        if not names:
+            raise TargetError("a pod migration needs at least one container")
+        for name in names:
+            if not podtarget.CONTAINER.match(name):
+                raise TargetError(f"bad container name {name!r}")
+        if mig_id in self.active:
+            raise TargetError(f"migration {mig_id} already exists", 409)
+        inc = Incoming(mig_id, source, "", [], memory_bytes, pod=dict(pod), containers=list(names))
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        inc.dir.mkdir(mode=0o700)
+        self.active[mig_id] = inc
+        self._save(inc)
+        return inc
+
     def get(self, mig_id: str, source: str) -> Incoming:
         inc = self.active.get(mig_id)
+        if inc is None and self.committed_pods.get(mig_id) == source:  # a commit whose answer was lost
+            raise TargetError(f"migration {mig_id} was committed on this node", 410)
         if inc is None:
             raise TargetError(f"no migration {mig_id} on this node", 404)
         if inc.source != source:  # only the node that started it may drive it
@@ -147,7 +174,7 @@ class Target:
 
     def held(self, inc: Incoming, layer: str, name: str) -> int | None:
         """Bytes of the file held so far; None when there is no such file yet."""
-        _check(LAYER, layer, "layer")
+        _check_layer(inc, layer)
         _check(FILE, name, "file name")
         done = inc.dir / layer / name
         if (inc.dir / layer).exists():
@@ -155,7 +182,7 @@ class Target:
         return transfer.held(inc.dir, layer, name)
 
     async def receive(self, inc: Incoming, layer: str, name: str, offset: int, content) -> int:
-        _check(LAYER, layer, "layer")
+        _check_layer(inc, layer)
         _check(FILE, name, "file name")
         self._receiving(inc)
         try:
@@ -166,7 +193,7 @@ class Target:
             raise TargetError(str(exc), 409) from None
 
     def commit_layer(self, inc: Incoming, layer: str, manifest_json: str) -> None:
-        _check(LAYER, layer, "layer")
+        _check_layer(inc, layer)
         self._receiving(inc)
         try:
             transfer.commit_layer(inc.dir, layer, manifest_json, set(inc.layers))
@@ -180,11 +207,20 @@ class Target:
     # -- restore, commit, abort ---------------------------------------------------------------
 
     def restore(self, inc: Incoming, layer: str) -> dict:
-        """Restore the chain ending at layer as the migration's container; confirm it runs."""
-        _check(LAYER, layer, "layer")
+        """Restore the chain ending at layer as the migration's container; confirm it runs.
+        A pod migration's container is only marked ready here: memsnap-runc restores it and
+        status() reports how that went."""
+        _check_layer(inc, layer)
+        if inc.pod and inc.state == "restoring":
+            inc.state = "receiving"  # the next container of the pod
         self._receiving(inc)
         if layer not in inc.layers:
             raise TargetError(f"layer {layer} was not received", 409)
+        if inc.pod:
+            podtarget.mark_ready(inc, layer)
+            inc.state = "restoring"
+            self._save(inc)
+            return {"state": inc.state}
         began = time.monotonic()
         try:
             pid, fill = restore_container(inc.dir / layer, inc.container, lazy_restore_enabled())
@@ -211,6 +247,8 @@ class Target:
         if inc.state != "restored":
             raise TargetError(f"migration {inc.id} has nothing restored to commit", 409)
         fill_seconds = self._wait_fill(inc)
+        if inc.pod:
+            self.committed_pods = {**dict(list(self.committed_pods.items())[-999:]), inc.id: inc.source}
         inc.state = "committed"
         self.active.pop(inc.id, None)
         shutil.rmtree(inc.dir, ignore_errors=True)
@@ -236,7 +274,11 @@ class Target:
     def abort(self, inc: Incoming, why: str) -> None:
         """Remove every trace: the restored workload (if any), its fill, the images, the record."""
         log.warning("migration %s from %s aborted: %s", inc.id, inc.source, why)
-        if inc.state == "restored":
+        if inc.pod:
+            podtarget.poll(inc)  # a container restored meanwhile is killed too
+        if inc.state in ("restored", "restoring", "failed") and inc.pod:
+            _kill_restored(inc)
+        elif inc.state == "restored":
             _kill_restored(inc)
         self._stop_fill(inc)
         self.active.pop(inc.id, None)
@@ -254,6 +296,13 @@ class Target:
                 self.abort(inc, f"no word from {inc.source} for {LEASE:.0f} s")
 
     def status(self, inc: Incoming) -> dict:
+        if inc.pod:
+            before = inc.state
+            podtarget.poll(inc)
+            if inc.state != before:
+                self._save(inc)
+            return {"id": inc.id, "state": inc.state, "layers": inc.layers, "message": inc.message,
+                    "results": inc.results, "pids": inc.pids}
         return {"id": inc.id, "state": inc.state, "layers": inc.layers, "pid": inc.pid}
 
     def _receiving(self, inc: Incoming) -> None:
@@ -279,8 +328,18 @@ def _load_state(d: Path) -> Incoming | None:
         return None
 
 
+def _check_layer(inc: Incoming, layer: str) -> None:
+    if inc.pod:
+        if not podtarget.layer_ok(inc.containers, layer):
+            raise TargetError(f"bad layer {layer!r}: not a container of this pod migration")
+    else:
+        _check(LAYER, layer, "layer")
+
+
 def _kill_restored(inc: Incoming) -> None:
-    if inc.container:  # everything in its cgroups, recorded or not
+    if inc.pod:
+        podtarget.kill_restored(inc)
+    elif inc.container:  # everything in its cgroups, recorded or not
         containers.stop(inc.container)
     elif procfs.alive(inc.pid, inc.starttime):
         os.kill(inc.pid, signal.SIGKILL)

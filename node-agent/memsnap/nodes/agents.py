@@ -11,13 +11,16 @@ From the host, client(NODE) calls a node's agent as a host identity (default "ad
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import subprocess
 import time
+from pathlib import Path
 from typing import Sequence
 
 from memsnap import pki
 from memsnap.agent.client import NODE_FILES, NODE_TLS_DIR, PORT, AgentClient, AgentError
-from memsnap.nodes import runtime
+from memsnap.nodes import cgroups, runtime
 
 LOG = "/var/log/memsnap-agent.log"
 HOST_IDENTITY = "admin"
@@ -87,3 +90,33 @@ async def _wait_one(node: runtime.Node, files: pki.TlsFiles, timeout: float) -> 
 def _log_tail(node: runtime.Node) -> str:
     proc = runtime.run(node.name, ["tail", "-n", "3", LOG], capture_output=True, text=True)
     return " | ".join(proc.stdout.strip().splitlines()) or "(empty)"
+
+
+def stop(node: runtime.Node, timeout: float = 15.0) -> bool:
+    """End the node's own agent (SIGTERM: it leaves its targets clean), for a node whose agent runs
+    as the chart's DaemonSet instead (same address and port); False if none ran."""
+    pid = _agent_pid(node)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while _agent_pid(node) == pid:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            deadline += timeout
+        time.sleep(0.1)
+    return True
+
+
+def _agent_pid(node: runtime.Node) -> int | None:
+    """Host pid of the agent agent_argv(node) started in the node, if it runs."""
+    want = agent_argv(node)[1:]
+    for pid in cgroups.pids(node.name):
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")[:-1]
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if argv[-len(want):] == want and state != "Z":
+            return pid
+    return None
