@@ -20,7 +20,6 @@ from typing import Callable
 from memsnap import nodes, pki
 from memsnap.cluster import api, images, state, worker
 from memsnap.cluster import build as kbuild
-from memsnap.nodes import agents as node_agents
 
 Log = Callable[[str], None]
 
@@ -55,6 +54,9 @@ def install(workers: list[worker.Worker], log: Log, operator: bool = True, wait_
     """Build and load the image, let the nodes' agents give way, install or upgrade the release and
     wait until an agent is Ready on every node, and the operator if it runs and wait_operator.
     The operator runs if asked and the checkout has it; otherwise only its RBAC is installed."""
+    # here, not at the top: `memsnap track` (which imports the CLI's commands) runs on the
+    # standard library alone, and the agents' client needs aiohttp
+    from memsnap.nodes import agents as node_agents
     image = images.ensure(log)
     log(f"memsnap: loading {image.tag} into {', '.join(w.name for w in workers)}")
     for w in workers:
