@@ -11,8 +11,9 @@ Target side (called by the source node's agent; only that node may drive its mig
     PUT    /api/v1/incoming/{id}/layers/{layer}/files/{name}?offset=N  streamed body
     POST   /api/v1/incoming/{id}/layers/{layer}/commit               the layer's manifest
     POST   /api/v1/incoming/{id}/restore      {"layer"} -> {"pid", "restore_seconds"}
-    POST   /api/v1/incoming/{id}/commit       the source has handed over; answers after the
-                                              background fill -> {"fill_seconds"}
+    POST   /api/v1/incoming/{id}/commit       the source has handed over; answers within 5 s:
+                                              {"state": "filling", progress} (ask again) or
+                                              {"state": "committed", "fill_seconds"}
 """
 from __future__ import annotations
 
