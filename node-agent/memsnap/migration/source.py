@@ -38,6 +38,7 @@ OUTGOING = Path("/var/lib/memsnap/outgoing")
 COSTS = Path("/var/lib/memsnap/migration-costs.json")
 DEFAULT_FIXED_COST = 0.15  # s: state dump + restore + confirm, until one was measured here
 COMMIT_WAIT = 30.0  # s without an answer to a commit: longer than the target's lease
+LEASE_RENEWAL = 5.0  # s between word to the target while the source works on its own
 
 Emit = Callable[[dict], Awaitable[None]]
 
@@ -132,10 +133,21 @@ class SourceMigration:
     async def _write_layer(self) -> tuple[Path, float]:
         name = f"l{len(self.layers)}"
         parent = self.layers[-1] if self.layers else None
-        layer = await self._blocking(precopy.write, self.root, self.out / name, parent)
+        layer = await self._renewing_lease(self._blocking(precopy.write, self.root, self.out / name, parent))
         collected = time.monotonic()  # the layer's dirty set was taken (about) now
         self.layers.append(layer)
         return layer, collected
+
+    async def _renewing_lease(self, work: Awaitable):
+        """work's result; meanwhile the target hears from us every LEASE_RENEWAL s, so that its
+        lease does not run out while a big layer is written (4 GiB: longer than the lease)."""
+        task = asyncio.ensure_future(work)
+        while not (await asyncio.wait({task}, timeout=LEASE_RENEWAL))[0]:
+            try:
+                await _call(self.session, "GET", self.req.base_url, None)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass  # the link's fate shows at the next transfer
+        return task.result()
 
     async def _apply_throttle(self, d: Decision) -> None:
         if not d.throttle_percent:

@@ -216,6 +216,7 @@ class Target:
         """Bytes of the file held so far; None when there is no such file yet."""
         _check(LAYER, layer, "layer")
         _check(FILE, name, "file name")
+        self._receiving(inc)
         done = inc.dir / layer / name
         if (inc.dir / layer).exists():
             return done.stat().st_size if done.exists() else None
@@ -226,11 +227,14 @@ class Target:
         _check(FILE, name, "file name")
         self._receiving(inc)
         try:
-            return await transfer.receive_file(inc.dir, layer, name, offset, content)
+            return await transfer.receive_file(inc.dir, layer, name, offset, _Renewing(content, inc))
         except transfer.NoSpace as exc:
             raise TargetError(str(exc), 507) from None
         except transfer.TransferError as exc:
             raise TargetError(str(exc), 409) from None
+        except OSError:
+            self._receiving(inc)  # aborted meanwhile: say so
+            raise
 
     def commit_layer(self, inc: Incoming, layer: str, manifest_json: str) -> None:
         _check(LAYER, layer, "layer")
@@ -345,6 +349,8 @@ class Target:
                 **(fill.progress() if fill is not None and inc.state == "restored" else {})}
 
     def _receiving(self, inc: Incoming) -> None:
+        if inc.state == "failed":
+            raise TargetError(f"migration {inc.id} failed on this node: {inc.message}", 409)
         if inc.state != "receiving":
             raise TargetError(f"migration {inc.id} is {inc.state}, not receiving", 409)
 
@@ -353,6 +359,19 @@ class Target:
         tmp = inc.dir / ".state.tmp"
         tmp.write_text(json.dumps(data))
         os.replace(tmp, inc.dir / ".state.json")
+
+
+class _Renewing:
+    """A request body that renews its migration's lease with every chunk: one file of a big
+    layer may take longer to arrive than the lease."""
+
+    def __init__(self, content, inc: Incoming):
+        self.content, self.inc = content, inc
+
+    async def iter_chunked(self, n: int):
+        async for chunk in self.content.iter_chunked(n):
+            self.inc.last_seen = time.monotonic()
+            yield chunk
 
 
 def _check(pattern: re.Pattern, value: str, what: str) -> None:
