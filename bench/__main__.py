@@ -13,7 +13,7 @@ from . import accuracy, scan_cost, slowdown
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench")
     p.add_argument("--max-mib", type=int, default=4096, help="largest region for the scan-cost benchmark")
-    p.add_argument("--only", choices=["scan", "slowdown", "accuracy", "checkpoint", "backends", "freeze", "migration"])
+    p.add_argument("--only", choices=["scan", "slowdown", "accuracy", "checkpoint", "backends", "freeze", "migration", "pause"])
     args = p.parse_args()
     backends = ", ".join(name for name, a in explain().items() if a.ok)
     print(f"# memsnap benchmarks, {time.strftime('%Y-%m-%d')}, Linux {platform.release()}, "
@@ -41,6 +41,12 @@ def main() -> None:
         print(final_freeze.run(), "\n")
         print("the same, every size dirtying 10 MiB/s\n")
         print(final_freeze.run(fixed_rate=True), "\n")
+    if args.only == "pause":
+        from . import migration  # needs local nodes (CRIU, agents)
+        from memsnap import nodes
+        nodes.up(count=2)
+        print("## 7c. migration pause by memory size (same pages/s) and the background fill's cost\n")
+        print(migration.pause_by_size(), "\n")
     if args.only in (None, "migration"):
         from . import migration  # needs local nodes (CRIU, agents)
         print("## 7. live migration between two local nodes\n")

@@ -7,6 +7,10 @@
 - Links shaped with tc (tbf: 1 Gbit/s and 10 Gbit/s): total time and pause, both modes.
 - A workload that dirties faster than the link carries: without --auto-converge it fails at
   the progress timeout; with it, it converges at some throttle.
+- The pause by memory size (256 MiB, 1 GiB, 4 GiB, all dirtying the same pages per second),
+  against the goals (4 GiB <= 1.3x 256 MiB, <= 300 ms at 1 GiB, <= 0.1x stop-and-copy at
+  1 GiB), and what the target's background fill costs the workload while it runs: its ticks
+  and writes per second and its tick gaps during the fill against the seconds after it.
 """
 from __future__ import annotations
 
@@ -43,9 +47,10 @@ def sh(node: str, command: str, timeout: float = 900) -> str:
 class Ticker:
     def __init__(self, mib: int, rate: float, cost_us: float = 0.0):
         self.name, self.node = f"b-{uuid.uuid4().hex[:6]}", SRC
-        self.report = f"/tmp/{self.name}.json"
+        self.report, self.timeline = f"/tmp/{self.name}.json", f"/tmp/{self.name}.timeline.json"
         self.pid = int(sh(SRC, f"memsnap containers run --name {self.name} -- python3 -m memsnap.ticker "
-                               f"--mib {mib} --rate {rate} --cost-us {cost_us} --report {self.report}"))
+                               f"--mib {mib} --rate {rate} --cost-us {cost_us} --report {self.report} "
+                               f"--timeline {self.timeline}"))
         self._wait()
         time.sleep(1.0)
 
@@ -64,7 +69,13 @@ class Ticker:
         sh(self.node, f"rm -f {self.report}; kill -USR1 {self.pid}")
         return self._wait()
 
-    def migrate(self, *args: str) -> dict:
+    def ticks(self) -> tuple[list[float], list[int]]:
+        """The wall-clock times and write counts of its last ticks, as of the last check()."""
+        data = json.loads(sh(self.node, f"cat {self.timeline}"))
+        return data["times"], data["writes"]
+
+    def migrate(self, *args: str, settle: float = 0.0) -> dict:
+        """settle: seconds to let it run on the target before checking it (a window after the fill)."""
         to = DST if self.node == SRC else SRC
         self.reset_gap()
         out = nodes.run(self.node, ["memsnap", "migrate", "--pid", str(self.pid), "--to", to, "--json", *args],
@@ -73,11 +84,13 @@ class Ticker:
         last = events[-1] if events else {"event": "error", "error": out.stderr.strip()}
         if last["event"] == "done":
             self.node, self.pid = to, last["target_pid"]
+            time.sleep(settle)
             report = self.check()
             if not report["ok"]:
                 raise RuntimeError(f"memory differs after the migration: {report}")
             last["felt_ms"] = report["longest_gap_ms"]
         last["rounds"] = [e for e in events if e["event"] == "round"]
+        last["fills"] = [e for e in events if e["event"] == "fill"]
         return last
 
     def stop(self) -> None:
@@ -156,11 +169,92 @@ def auto_converge(mib: int = 64) -> str:
     return table(HEAD + ["throttle"], rows)
 
 
+SIZES_MIB = (256, 1024, 4096)
+SAME_RATE = 1024 * MIB // 4096 // 100  # pages/s: 1 % of 1 GiB per second, for every size
+
+
+def pause_by_size(sizes: tuple[int, ...] = SIZES_MIB) -> str:
+    """Every size dirtying the same pages per second, pre-copy; stop-and-copy at 1 GiB too.
+    One run each; the fill's cost read from the ticker's own timeline."""
+    pauses, fills, stop = {}, [], None
+    for mib in sizes:
+        t = Ticker(mib, rate=SAME_RATE)
+        try:
+            pre = t.migrate(settle=3.0)
+            if pre["event"] == "done":
+                fills.append(_fill_cost(f"{mib} MiB", pre, *t.ticks()))
+            if mib == 1024:
+                stop = t.migrate("--stop-and-copy")
+        finally:
+            t.stop()
+        pauses[mib] = pre
+    rows = [_size_row(mib, r) for mib, r in pauses.items()]
+    if stop is not None:
+        rows.append(_size_row(1024, stop, "stop-and-copy"))
+    felt = {mib: r.get("felt_ms") for mib, r in pauses.items()}
+    goals = [_goal("4 GiB / 256 MiB pause", _ratio(felt.get(4096), felt.get(256)), 1.3, "x"),
+             _goal("1 GiB pause", felt.get(1024), 300, " ms"),
+             _goal("1 GiB pause / stop-and-copy", _ratio(felt.get(1024), (stop or {}).get("felt_ms")), 0.1, "x")]
+    return "\n".join([table(SIZE_HEAD, rows), "", table(["goal", "measured", "target", "met"], goals), "",
+                      "what the background fill costs the workload (ticks: its 1 ms loop; writes: pages it wrote)", "",
+                      table(FILL_HEAD, fills)])
+
+
+SIZE_HEAD = ["memory", "mode", "pause felt ms", "pause ms (agent)", "phases ms", "lazy MiB", "fill s", "total s", "rounds"]
+FILL_HEAD = ["memory", "fill s", "ticks/s during", "ticks/s after", "writes/s during", "writes/s after",
+             "p99 gap ms during", "p99 gap ms after", "max gap ms during", "max gap ms after"]
+
+
+def _size_row(mib: int, r: dict, mode: str = "pre-copy") -> list:
+    if r["event"] != "done":
+        return [f"{mib} MiB", mode, "failed", "-", r["error"][:80], "-", "-", "-", "-"]
+    phases = ", ".join(f"{k} {v:.0f}" for k, v in r["pause_phases"].items())
+    return [f"{mib} MiB", mode, f"{r['felt_ms']:.0f}", f"{r['downtime_ms']:.0f}", phases,
+            f"{r.get('lazy_pages', 0) * 4096 / MIB:.0f}", f"{r.get('fill_seconds') or 0:.2f}",
+            f"{r['total_seconds']:.1f}", r["iterations"]]
+
+
+def _ratio(a, b):
+    return a / b if a and b else None
+
+
+def _goal(what: str, value, target: float, unit: str) -> list:
+    if value is None:
+        return [what, "not measured", f"<= {target}{unit}", "-"]
+    shown = f"{value:.2f}{unit}" if unit == "x" else f"{value:.0f}{unit}"
+    return [what, shown, f"<= {target}{unit}", "yes" if value <= target else "NO"]
+
+
+def _fill_cost(label: str, r: dict, times: list[float], writes: list[int]) -> list:
+    """The ticker's ticks and writes per second, and its gaps between ticks, while the target
+    filled its memory in (from the end of the pause for fill_seconds) against the 2 s after."""
+    gaps = [(times[i] - times[i - 1], i) for i in range(1, len(times))]
+    resumed = times[max(gaps)[1]]  # the tick that ended the pause
+    fill = r.get("fill_seconds") or 0.0
+    during = _window(times, writes, resumed, resumed + fill)
+    after = _window(times, writes, resumed + fill + 0.5, resumed + fill + 2.5)
+    cells = [label, f"{fill:.2f}"]
+    for k, form in enumerate(("{:.0f}", "{:.0f}", "{:.1f}", "{:.1f}")):
+        cells += [form.format(during[k]), form.format(after[k])]
+    return cells
+
+
+def _window(times: list[float], writes: list[int], lo: float, hi: float) -> tuple[float, float, float, float]:
+    """ticks/s, writes/s, p99 and max gap (ms) of the ticks in [lo, hi]."""
+    idx = [i for i, t in enumerate(times) if lo <= t <= hi]
+    if len(idx) < 2:
+        return (0.0, 0.0, 0.0, 0.0)
+    span = times[idx[-1]] - times[idx[0]]
+    gaps = sorted((times[i] - times[i - 1]) * 1000 for i in idx[1:])
+    return (len(idx) / span, (writes[idx[-1]] - writes[idx[0]]) / span, gaps[int(0.99 * (len(gaps) - 1))], gaps[-1])
+
+
 def run() -> str:
     nodes.up(count=2)
     out = ["### pause felt, 1 GiB, ~1 %/s\n"]
     text, pre = pause_vs_stop_and_copy()
     out += [text, "\n### a full layer's throughput vs raw TCP\n", throughput(pre),
             "\n### shaped links (tbf), 1 GiB, ~1 %/s\n", shaped_links(),
-            "\n### dirtying faster than the link (64 MiB, CPU-bound writer: 40 µs per page, 24 MiB/s link)\n", auto_converge()]
+            "\n### dirtying faster than the link (64 MiB, CPU-bound writer: 40 µs per page, 24 MiB/s link)\n", auto_converge(),
+            "\n### pause by memory size, all dirtying 10 MiB/s, and the fill's cost\n", pause_by_size()]
     return "\n".join(out)

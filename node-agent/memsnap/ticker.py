@@ -9,7 +9,9 @@ what it must hold and writes one JSON line to FILE (atomically): ok, bad_pages, 
 longest gap between two ticks (the pause the workload felt, by the wall clock: CRIU
 restores a PID namespace's monotonic clock as it was at the dump, hiding the pause), its
 hostname and pid. SIGUSR2 resets the longest gap. A migration that lost one write shows up as
-a bad page.
+a bad page. With --timeline FILE it also keeps the wall-clock time and write count of its
+last 120000 ticks (~2 min) and writes them to FILE (JSON) before each report: what a
+migration's background fill costs it, tick by tick.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ import signal
 import socket
 import struct
 import time
+from array import array
 
 PAGE = mmap.PAGESIZE
 HEADER = struct.Struct("<QQ")
@@ -64,8 +67,10 @@ def main() -> None:
     p.add_argument("--cost-us", type=float, default=0.0,
                    help="with --rate 0: CPU time spent per page written (a workload that computes between writes)")
     p.add_argument("--report", default="/tmp/ticker.json")
+    p.add_argument("--timeline", default="", help="write the last ticks' times and write counts here on SIGUSR1")
     args = p.parse_args()
     memory = Memory(args.mib)
+    timeline = Timeline() if args.timeline else None
     wanted = {"check": False, "reset": False}
     signal.signal(signal.SIGUSR1, lambda *_: wanted.__setitem__("check", True))
     signal.signal(signal.SIGUSR2, lambda *_: wanted.__setitem__("reset", True))
@@ -77,6 +82,8 @@ def main() -> None:
         now = time.time()
         longest = max(longest, now - last)
         last = now
+        if timeline is not None:
+            timeline.add(now, memory.writes)
         if args.rate > 0:
             while memory.writes < (now - began) * args.rate:
                 memory.write_next()
@@ -89,10 +96,29 @@ def main() -> None:
         if wanted["check"]:
             wanted["check"] = False
             bad = memory.bad_pages()
+            if timeline is not None:
+                timeline.save(args.timeline)
             _report(args.report, {"ok": bad == 0, "bad_pages": bad, "writes": memory.writes,
                                   "pages": memory.pages, "longest_gap_ms": round(longest * 1000, 2),
                                   "host": socket.gethostname(), "pid": os.getpid()})
             last = time.time()  # the check itself is not a pause
+
+
+class Timeline:
+    """A ring of (wall-clock time, writes so far) per tick, in flat arrays (no object per tick)."""
+
+    def __init__(self, ticks: int = 120_000):
+        self.times, self.writes, self.next = array("d", bytes(8 * ticks)), array("q", bytes(8 * ticks)), 0
+
+    def add(self, now: float, writes: int) -> None:
+        i = self.next % len(self.times)
+        self.times[i], self.writes[i] = now, writes
+        self.next += 1
+
+    def save(self, path: str) -> None:
+        n = len(self.times)
+        order = [i % n for i in range(max(0, self.next - n), self.next)]
+        _report(path, {"times": [round(self.times[i], 6) for i in order], "writes": [self.writes[i] for i in order]})
 
 
 def _spin(seconds: float) -> None:

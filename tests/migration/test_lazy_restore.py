@@ -29,9 +29,8 @@ def test_restore_leaves_the_precopied_memory_to_the_background_fill(ticker):
     assert not sh("node-2", "pgrep -f '[c]riu lazy-pages' || true").stdout.strip(), "the fill daemon stays"
 
 
-# On node-2: stop the lazy-pages daemon as soon as the restore has returned, and kill it once
-# the restored workload runs there (the commit then waits for the fill).
-KILL_THE_FILL = r"""
+# On the target: find the lazy-pages daemon once the restore that needed it has returned.
+FIND_THE_FILL = r"""
 import os, signal, subprocess, sys, time
 
 def criu(arg):
@@ -45,7 +44,7 @@ def criu(arg):
 
 deadline = time.monotonic() + 90
 restoring = False
-while True:  # the restore needs the daemon: stop it only once the restore has returned
+while True:  # the restore needs the daemon: touch it only once the restore has returned
     pid, restore = criu(b"lazy-pages"), criu(b"--lazy-pages")
     restoring = restoring or bool(restore)
     if restoring and not restore and pid:
@@ -53,6 +52,10 @@ while True:  # the restore needs the daemon: stop it only once the restore has r
     if time.monotonic() > deadline:
         sys.exit("no lazy restore came")
     time.sleep(0.001)
+"""
+
+# Stop the daemon at once, and kill it once the restored workload runs (the commit waits).
+KILL_THE_FILL = FIND_THE_FILL + r"""
 os.kill(pid, signal.SIGSTOP)
 while sys.argv[1] not in subprocess.run(["memsnap", "containers", "list"], capture_output=True, text=True).stdout:
     if time.monotonic() > deadline:
@@ -62,6 +65,119 @@ os.kill(pid, signal.SIGKILL)
 print("killed", pid)
 """
 
+# A slow fill on purpose, paced: the daemon in a cpu cgroup of its own (argv[2] µs of CPU per
+# 250 ms), and stopped whenever the restored workload (argv[1]) holds more of its argv[3] MiB
+# than a fill lasting argv[4] s would have brought in by then; killed after argv[5] s if that
+# is not 0. Prints how long the daemon lived.
+SLOW_THE_FILL = FIND_THE_FILL + r"""
+from pathlib import Path
+from memsnap import cgroupfs, containers
+name, quota, mib, seconds, kill_after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+began = time.monotonic()
+mounts = cgroupfs.hierarchies()
+kind = "cpu" if "cpu" in mounts else "cgroup2"
+cg = mounts[kind] / cgroupfs.membership(pid)[kind].lstrip("/") / "memsnap-test-slow-fill"
+cg.mkdir()
+if kind == "cpu":
+    (cg / "cpu.cfs_period_us").write_text("250000")
+    (cg / "cpu.cfs_quota_us").write_text(str(quota))
+else:
+    (cg / "cpu.max").write_text(f"{quota} 250000")
+(cg / "cgroup.procs").write_text(str(pid))
+print("slowed", pid, flush=True)
+
+def workload():  # not by its cmdline: reading that would wait for the fill
+    c = containers.load(name)
+    return c.pid if c is not None else None
+
+def resident(p):
+    try:
+        for line in open(f"/proc/{p}/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return 0
+
+ticker, start, stopped = workload(), None, False
+while os.path.exists(f"/proc/{pid}"):
+    elapsed = time.monotonic() - began
+    if kill_after and elapsed > kill_after:
+        os.kill(pid, signal.SIGKILL)
+        print("killed", pid, flush=True)
+        kill_after = 0
+    have = resident(ticker or workload())
+    start = have if start is None else start
+    ahead = have - start > (mib << 20) * elapsed / seconds
+    if ahead != stopped:
+        try:
+            os.kill(pid, signal.SIGSTOP if ahead else signal.SIGCONT)
+        except ProcessLookupError:
+            break
+        stopped = ahead
+    time.sleep(0.02)
+print("lived", round(time.monotonic() - began, 1), flush=True)
+for _ in range(50):
+    try:
+        cg.rmdir()
+        break
+    except OSError:
+        time.sleep(0.1)
+"""
+
+
+def slow_fill(node: str, name: str, mib: int, seconds: float, kill_after: float = 0) -> subprocess.Popen:
+    """A fill of a mib MiB workload paced to take about seconds (at most: the daemon runs at
+    2 ms of CPU per 250 ms, ~15 MiB/s here)."""
+    return nodes.popen(node, ["python3", "-c", SLOW_THE_FILL, name, "2000", str(mib), str(seconds), str(kill_after)],
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_fill_longer_than_the_peer_silence_completes_with_progress(ticker):
+    t = ticker("node-1", mib=128, rate=300)
+    # Longer than the 15 s of silence after which a source gives its target up (and than the
+    # old 12 s bound on the commit's wait); the bound for 128 MiB is 33.75 s.
+    slower = slow_fill("node-2", t.name, 128, 22)
+    try:
+        rc, events, err = migrate("node-1", t.pid, "node-2")
+    finally:
+        out, serr = finish(slower)
+    assert "slowed" in out, serr
+    assert rc == 0, err
+    done = events[-1]
+    assert done["fill_seconds"] > 15, done  # a fill the old commit could not wait for
+    fills = [e for e in events if e["event"] == "fill"]
+    assert len(fills) >= 3, fills  # the commit reported progress, every few seconds
+    filled = [e["filled_bytes"] for e in fills]
+    assert filled == sorted(filled) and filled[-1] > filled[0], filled
+    assert all(e["lazy_bytes"] == done["lazy_pages"] * PAGE for e in fills), fills
+    t.moved("node-2", done["target_pid"])
+    report = t.check()
+    assert report["ok"] and report["bad_pages"] == 0 and report["host"] == "node-2", report
+    assert not sh("node-2", "pgrep -f '[c]riu lazy-pages' || true").stdout.strip(), "the fill daemon stays"
+
+
+def test_a_long_fill_that_fails_late_still_rolls_back(ticker):
+    t = ticker("node-1", mib=128, rate=300)
+    slower = slow_fill("node-2", t.name, 128, 25, kill_after=18)
+    try:
+        rc, events, err = migrate("node-1", t.pid, "node-2")
+    finally:
+        out, serr = finish(slower)
+    assert "killed" in out, (serr, err)
+    assert rc != 0 and "background fill" in err and "killed on this node" in err, err
+    assert [e for e in events if e["event"] == "fill"], events  # it was filling when it failed
+    assert_untouched(t)
+    assert_nothing_on("node-2", t)
+
 
 def test_a_failed_background_fill_rolls_the_migration_back(ticker):
     t = ticker("node-1", mib=256, rate=300)  # a fill that lasts long enough to be caught
@@ -69,10 +185,8 @@ def test_a_failed_background_fill_rolls_the_migration_back(ticker):
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         rc, events, err = migrate("node-1", t.pid, "node-2")
-        out, kerr = killer.communicate(timeout=120)
     finally:
-        if killer.poll() is None:
-            killer.kill()
+        out, kerr = finish(killer)
     assert "killed" in out, (kerr, err)
     assert rc != 0 and "background fill" in err, err
     assert_untouched(t)

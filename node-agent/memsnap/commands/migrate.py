@@ -80,6 +80,9 @@ def _show(e: dict) -> None:
               f"dirtying {e['dirty_rate'] / MIB:.1f} MiB/s, link {e['bandwidth'] / MIB:.0f} MiB/s, "
               f"predicted pause {e['predicted_downtime_ms']:.0f} ms"
               + (f", throttled {e['throttle_percent']} %" if e.get("throttle_percent") else ""), flush=True)
+    elif kind == "fill":
+        print(f"filling in on the target: {e['filled_bytes'] / MIB:.0f} of {e['lazy_bytes'] / MIB:.0f} MiB "
+              f"after {e['fill_seconds']:.0f} s (bound {e['bound_seconds']:.0f} s)", flush=True)
     elif kind == "done":
         phases = ", ".join(f"{k} {v:.0f}" for k, v in e["pause_phases"].items())
         print(f"done: runs on {e['target_node']} as pid {e['target_pid']}; paused {e['downtime_ms']:.0f} ms "

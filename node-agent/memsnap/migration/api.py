@@ -19,8 +19,9 @@ Target side (called by the source node's agent; only that node may drive its mig
     POST   /api/v1/incoming/{id}/restore      {"layer"} -> {"pid", "restore_seconds"}; a pod migration's
                                               container: marked ready for memsnap-runc -> {"state"}, and
                                               GET .../{id} says restoring, restored or failed
-    POST   /api/v1/incoming/{id}/commit       the source has handed over; answers after the
-                                              background fill -> {"fill_seconds"}
+    POST   /api/v1/incoming/{id}/commit       the source has handed over; answers within 5 s:
+                                              {"state": "filling", progress} (ask again) or
+                                              {"state": "committed", "fill_seconds"}
 """
 from __future__ import annotations
 

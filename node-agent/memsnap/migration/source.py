@@ -26,8 +26,10 @@ from .. import cgroupfs, containers, procfs
 from ..checkpoint import final, precopy
 from ..checkpoint.freezer import FreezeError, frozen_by_us
 from ..images.layer import read_manifest
+from ..kernel.pagemap import PAGE_SIZE
 from ..tracking import TrackingError, VmaSelection, registry
 from . import throttle, transfer
+from .target import fill_bound
 from .planner import Decision, Planner, Policy, Round
 
 log = logging.getLogger(__name__)
@@ -35,7 +37,8 @@ log = logging.getLogger(__name__)
 OUTGOING = Path("/var/lib/memsnap/outgoing")
 COSTS = Path("/var/lib/memsnap/migration-costs.json")
 DEFAULT_FIXED_COST = 0.15  # s: state dump + restore + confirm, until one was measured here
-COMMIT_WAIT = 30.0  # s to learn a commit's outcome: longer than the target's lease
+COMMIT_WAIT = 30.0  # s without an answer to a commit: longer than the target's lease
+LEASE_RENEWAL = 5.0  # s between word to the target while the source works on its own
 
 Emit = Callable[[dict], Awaitable[None]]
 
@@ -130,10 +133,21 @@ class SourceMigration:
     async def _write_layer(self) -> tuple[Path, float]:
         name = f"l{len(self.layers)}"
         parent = self.layers[-1] if self.layers else None
-        layer = await self._blocking(precopy.write, self.root, self.out / name, parent)
+        layer = await self._renewing_lease(self._blocking(precopy.write, self.root, self.out / name, parent))
         collected = time.monotonic()  # the layer's dirty set was taken (about) now
         self.layers.append(layer)
         return layer, collected
+
+    async def _renewing_lease(self, work: Awaitable):
+        """work's result; meanwhile the target hears from us every LEASE_RENEWAL s, so that its
+        lease does not run out while a big layer is written (4 GiB: longer than the lease)."""
+        task = asyncio.ensure_future(work)
+        while not (await asyncio.wait({task}, timeout=LEASE_RENEWAL))[0]:
+            try:
+                await _call(self.session, "GET", self.req.base_url, None)
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                pass  # the link's fate shows at the next transfer
+        return task.result()
 
     async def _apply_throttle(self, d: Decision) -> None:
         if not d.throttle_percent:
@@ -166,7 +180,7 @@ class SourceMigration:
         running_at = time.monotonic()
         pause["restore"] = restored.get("restore_seconds", 0.0)
         pause["until running"] = round(running_at - t - pause["restore"], 6)
-        committed = await self._commit()
+        committed = await self._commit(restored.get("lazy_pages", 0) * PAGE_SIZE)
         await self._end_source()
         downtime = running_at - frozen_at
         _record_fixed_cost(m.phases, restored)
@@ -175,27 +189,29 @@ class SourceMigration:
                 "pause_phases": {k: round(v * 1000, 1) for k, v in pause.items()},
                 "lazy_pages": restored.get("lazy_pages", 0), "fill_seconds": committed.get("fill_seconds")}
 
-    async def _commit(self) -> dict:
-        """Hand over (the target answers once its background fill is done). If the answer is
-        lost, ask until the target says what it did: the source copy is ended only when the
-        target holds the workload for good."""
-        deadline = time.monotonic() + COMMIT_WAIT
-        try:
-            return await _call(self.session, "POST", f"{self.req.base_url}/commit", {})
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            first = exc
-        while time.monotonic() < deadline:
+    async def _commit(self, lazy_bytes: int) -> dict:
+        """Hand over, and ask until the target holds the workload for good: it answers within
+        seconds, "filling" while its background fill runs (each answer is a progress event
+        and keeps the link and the target's lease alive). The source copy is ended only after
+        "committed". A target silent for COMMIT_WAIT s (longer than its lease) has killed its
+        copy, as has a failed fill (an error answer): then roll back."""
+        limit = fill_bound(lazy_bytes) + COMMIT_WAIT  # the target gives up first
+        heard = time.monotonic()
+        give_up = heard + limit
+        while True:
             try:
-                state = (await _call(self.session, "GET", self.req.base_url, None)).get("state")
-            except MigrationError:  # 404: the target gave it up (lease) and removed it
-                break
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+                answer = await _call(self.session, "POST", f"{self.req.base_url}/commit", {})
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                if time.monotonic() - heard > COMMIT_WAIT:
+                    raise MigrationError(f"could not commit the hand-over to {self.req.target}: {exc}") from None
                 await asyncio.sleep(1.0)
                 continue
-            if state == "committed":
-                return {}
-            return await _call(self.session, "POST", f"{self.req.base_url}/commit", {})
-        raise MigrationError(f"could not commit the hand-over to {self.req.target}: {first}")
+            heard = time.monotonic()
+            if answer.get("state") == "committed":
+                return answer
+            await self.emit({"event": "fill", **{k: v for k, v in answer.items() if k != "state"}})
+            if heard > give_up:
+                raise MigrationError(f"the background fill on {self.req.target} did not end in {limit:.0f} s")
 
     async def _end_source(self) -> None:
         await self._blocking(_end_tree, self.root, self.starttime, self.container)

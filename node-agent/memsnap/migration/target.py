@@ -7,8 +7,11 @@ talking for LEASE seconds, or an agent restart kills it and deletes the images.
 
 The restore is lazy (unless MEMSNAP_LAZY_RESTORE=0): CRIU restores the process state and the
 pages of the last delta, the workload runs, and `criu lazy-pages` fills the pre-copied memory in
-from the local chain in the background. The commit waits for that fill: a fill that fails
-kills the restored copy and the commit is refused, so the source, still frozen, thaws its own.
+from the local chain in the background. The source's commit is answered within
+COMMIT_ANSWER seconds, "filling" with the fill's progress while it runs; the source asks again
+(which keeps the link and the lease alive) until it is "committed". A fill that fails, stalls or
+outlasts fill_bound() (which grows with the memory to fill) kills the restored copy and the
+commit is refused, so the source, still frozen, thaws its own.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,15 +31,19 @@ from pathlib import Path
 from .. import cgroupfs, containers, procfs
 from ..checkpoint import criu, lazy
 from ..checkpoint import restore as chain_restore
+from ..kernel.pagemap import PAGE_SIZE
 from . import podtarget, transfer
 
 log = logging.getLogger(__name__)
 
 INCOMING = Path("/var/lib/memsnap/incoming")
 LEASE = 20.0  # seconds of silence from the source after which an uncommitted migration aborts
-# A commit waits this long for the background fill (~2.4 GiB/s here): under the source's read
-# timeout between agents (60 s on this branch, 15 s of peer silence on main since fcb7ee4).
-FILL_TIMEOUT = 12.0
+# A commit answers within this, well under the source's 15 s of peer silence (api.PEER_SILENCE).
+COMMIT_ANSWER = 5.0
+# The background fill runs at ~2.4 GiB/s here; it may take FILL_BASE + FILL_PER_GIB per GiB it
+# fills (a fill 70x slower than that still ends), and must fill something every FILL_STALL s.
+FILL_BASE, FILL_PER_GIB, FILL_STALL = 30.0, 30.0, 20.0
+KEEP_OUTCOME = 600.0  # s a committed or failed migration still answers what became of it
 ID = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 LAYER = re.compile(r"^(l[0-9]{1,4}|final)$")
 FILE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -65,7 +73,10 @@ class Incoming:
     containers: list[str] = field(default_factory=list)
     results: dict = field(default_factory=dict)  # container -> the wrapper's outcome
     pids: dict = field(default_factory=dict)  # container -> [pid, starttime] once restored
-    message: str = ""
+    commit_asked: bool = False  # the source handed over: commit once the fill is in
+    message: str = ""  # why it failed
+    ended: bool = False  # aborted and cleared: only the outcome is kept, for a while
+    fill_seconds: float = 0.0
     last_seen: float = field(default_factory=time.monotonic)
 
     @property
@@ -73,26 +84,82 @@ class Incoming:
         return INCOMING / self.id
 
 
+def fill_bound(lazy_bytes: int) -> float:
+    """Seconds a background fill of lazy_bytes may take."""
+    return FILL_BASE + FILL_PER_GIB * lazy_bytes / (1 << 30)
+
+
 @dataclass
 class Fill:
-    """The lazy-pages daemon filling a restored workload's memory in the background."""
+    """The lazy-pages daemon filling a restored workload's memory in the background. Its
+    progress is the restored tree's resident anonymous memory: a lazy page is resident once in."""
     proc: subprocess.Popen
     log: Path
     began: float
     lazy_pages: int
+    pid: int = 0  # the restored tree's root, once known (watch())
+    resident0: int = 0
+    filled: int = 0  # bytes the tree's resident memory grew by since the restore (at most)
+    moved_at: float = 0.0
+    took: float | None = None  # seconds from the restore to the end of the fill, once ended
+    failed: str = ""  # why it failed, once ended
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def wait(self, timeout: float) -> tuple[float, str]:
-        """Seconds the fill took (from the restore on), and "" or why it failed."""
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            return time.monotonic() - self.began, f"the background fill did not finish in {timeout:.0f} s"
-        took = time.monotonic() - self.began
-        if rc != 0:
-            how = f"was killed by signal {-rc}" if rc < 0 else f"failed (exit {rc})"
-            return took, f"the background fill (criu lazy-pages) {how}: {criu._tail(self.log)}".rstrip(": ")
-        return took, ""
+    @property
+    def lazy_bytes(self) -> int:
+        return self.lazy_pages * PAGE_SIZE
+
+    def watch(self, pid: int) -> None:
+        self.pid, self.resident0, self.moved_at = pid, _resident_anon(pid), time.monotonic()
+
+    def poll(self) -> bool:
+        """Whether the fill has ended (took and failed say how). A fill over its bound, or that
+        filled nothing for FILL_STALL s, is stopped here and has failed."""
+        with self.lock:
+            if self.took is not None:
+                return True
+            rc, now = self.proc.poll(), time.monotonic()
+            if rc is not None:
+                how = f"was killed by signal {-rc}" if rc < 0 else f"failed (exit {rc})"
+                why = f"the background fill (criu lazy-pages) {how}: {criu._tail(self.log)}".rstrip(": ")
+                return self._end(now, why if rc else "")
+            grown = _resident_anon(self.pid) - self.resident0 if self.pid else 0
+            if grown > self.filled:
+                self.filled, self.moved_at = grown, now
+            bound = fill_bound(self.lazy_bytes)
+            if now - self.began > bound:
+                return self._end(now, f"the background fill did not finish in {bound:.0f} s ({self._done()})")
+            if now - max(self.moved_at, self.began) > FILL_STALL:
+                return self._end(now, f"the background fill filled nothing for {FILL_STALL:.0f} s ({self._done()})")
+            return False
+
+    def _end(self, now: float, failed: str) -> bool:
+        if failed and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.took, self.failed = now - self.began, failed
+        return True
+
+    def _done(self) -> str:
+        return f"{self.filled >> 20} of {self.lazy_bytes >> 20} MiB in"
+
+    def wait(self, timeout: float) -> bool:
+        """Whether the fill ended within timeout."""
+        deadline = time.monotonic() + timeout
+        while not self.poll():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            try:
+                self.proc.wait(min(left, 0.25))
+            except subprocess.TimeoutExpired:
+                pass
+        return True
+
+    def progress(self) -> dict:
+        return {"filled_bytes": min(self.filled, self.lazy_bytes), "lazy_bytes": self.lazy_bytes,
+                "fill_seconds": round(time.monotonic() - self.began if self.took is None else self.took, 3),
+                "bound_seconds": round(fill_bound(self.lazy_bytes), 1)}
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -107,8 +174,8 @@ class Target:
         self.root = root
         self.active: dict[str, Incoming] = {}
         self.fills: dict[str, Fill] = {}  # lazy restores still filling or not yet committed
-        self.committing: set[str] = set()  # waiting for their fill: the lease does not run
         self.committed_pods: dict[str, str] = {}  # pod migration id -> source, once committed
+        self.lock = threading.Lock()  # commits, the lease keeper and aborts settle one at a time
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -176,6 +243,7 @@ class Target:
         """Bytes of the file held so far; None when there is no such file yet."""
         _check_layer(inc, layer)
         _check(FILE, name, "file name")
+        self._receiving(inc)
         done = inc.dir / layer / name
         if (inc.dir / layer).exists():
             return done.stat().st_size if done.exists() else None
@@ -186,11 +254,14 @@ class Target:
         _check(FILE, name, "file name")
         self._receiving(inc)
         try:
-            return await transfer.receive_file(inc.dir, layer, name, offset, content)
+            return await transfer.receive_file(inc.dir, layer, name, offset, _Renewing(content, inc))
         except transfer.NoSpace as exc:
             raise TargetError(str(exc), 507) from None
         except transfer.TransferError as exc:
             raise TargetError(str(exc), 409) from None
+        except OSError:
+            self._receiving(inc)  # aborted meanwhile: say so
+            raise
 
     def commit_layer(self, inc: Incoming, layer: str, manifest_json: str) -> None:
         _check_layer(inc, layer)
@@ -228,6 +299,7 @@ class Target:
             raise TargetError(f"restore failed on this node: {exc}", 500) from None
         inc.pid, inc.starttime, inc.state = pid, procfs.read_stat(pid).starttime, "restored"
         if fill is not None:
+            fill.watch(pid)
             self.fills[inc.id] = fill
         self._save(inc)
         restored_at = time.monotonic()
@@ -241,38 +313,45 @@ class Target:
                 "confirm_seconds": round(time.monotonic() - restored_at, 6),
                 "lazy": fill is not None, "lazy_pages": fill.lazy_pages if fill else 0}
 
-    def commit(self, inc: Incoming) -> dict:
-        """The source has handed over: once the background fill is done, the workload is ours
-        and its images are not needed. A failed fill kills the restored copy and refuses."""
-        if inc.state != "restored":
-            raise TargetError(f"migration {inc.id} has nothing restored to commit", 409)
-        fill_seconds = self._wait_fill(inc)
-        if inc.pod:
-            self.committed_pods = {**dict(list(self.committed_pods.items())[-999:]), inc.id: inc.source}
-        inc.state = "committed"
-        self.active.pop(inc.id, None)
-        shutil.rmtree(inc.dir, ignore_errors=True)
-        return {"fill_seconds": round(fill_seconds, 6)}
+    def commit(self, inc: Incoming, wait: float = COMMIT_ANSWER) -> dict:
+        """The source has handed over: once the background fill is in, the workload is ours and
+        its images are not needed. Answers within wait: "filling" (with the fill's progress)
+        while it runs, and the source asks again. A failed fill has killed the restored copy:
+        refused. Asking again after the outcome gets the same outcome."""
+        if inc.state == "restored":
+            inc.commit_asked = True
+            fill = self.fills.get(inc.id)
+            if fill is not None and not fill.wait(wait):
+                return {"state": "filling", **fill.progress()}
+            self.settle(inc)
+        if inc.state == "committed":
+            return {"state": "committed", "fill_seconds": round(inc.fill_seconds, 6)}
+        if inc.state == "failed":
+            raise TargetError(f"{inc.message}; the restored workload was killed on this node", 500)
+        raise TargetError(f"migration {inc.id} has nothing restored to commit", 409)
 
-    def _wait_fill(self, inc: Incoming) -> float:
-        fill = self.fills.get(inc.id)
-        if fill is None:
-            return 0.0
-        self.committing.add(inc.id)
-        try:
-            took, failed = fill.wait(FILL_TIMEOUT)
-        finally:
-            self.committing.discard(inc.id)
-            inc.last_seen = time.monotonic()
-        if failed:
-            self.abort(inc, failed)
-            inc.state = "failed"
-            raise TargetError(f"{failed}; the restored workload was killed on this node", 500)
-        self.fills.pop(inc.id, None)
-        return took
+    def settle(self, inc: Incoming) -> None:
+        """A restored migration whose fill has ended: failed (the copy is killed), or committed
+        if the source asked for it."""
+        with self.lock:
+            fill = self.fills.get(inc.id)
+            if inc.state != "restored" or (fill is not None and not fill.poll()):
+                return
+            if fill is not None and fill.failed:
+                self.abort(inc, fill.failed, keep_outcome=True)
+            elif inc.commit_asked:
+                self.fills.pop(inc.id, None)
+                inc.state, inc.fill_seconds = "committed", fill.took if fill else 0.0
+                if inc.pod:  # asked again once its record is gone: 410, not 404 (see get)
+                    self.committed_pods = {**dict(list(self.committed_pods.items())[-999:]), inc.id: inc.source}
+                shutil.rmtree(inc.dir, ignore_errors=True)
 
-    def abort(self, inc: Incoming, why: str) -> None:
-        """Remove every trace: the restored workload (if any), its fill, the images, the record."""
+    def abort(self, inc: Incoming, why: str, keep_outcome: bool = False) -> None:
+        """Remove every trace: the restored workload (if any), its fill, the images, and the
+        record (unless keep_outcome: it then answers "failed", why, for a while)."""
+        if inc.state == "committed" or inc.ended:  # nothing left to remove
+            self.active.pop(inc.id, None)
+            return
         log.warning("migration %s from %s aborted: %s", inc.id, inc.source, why)
         if inc.pod:
             podtarget.poll(inc)  # a container restored meanwhile is killed too
@@ -281,8 +360,10 @@ class Target:
         elif inc.state == "restored":
             _kill_restored(inc)
         self._stop_fill(inc)
-        self.active.pop(inc.id, None)
         shutil.rmtree(inc.dir, ignore_errors=True)
+        inc.state, inc.message, inc.ended = "failed", why, True
+        if not keep_outcome:
+            self.active.pop(inc.id, None)
 
     def _stop_fill(self, inc: Incoming) -> None:
         fill = self.fills.pop(inc.id, None)
@@ -290,10 +371,18 @@ class Target:
             fill.stop()
 
     def expire(self, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
+        """The lease keeper's round: ended fills settle; a source silent for LEASE s loses
+        what it has not committed (even while the fill runs: the source keeps asking)."""
         for inc in list(self.active.values()):
-            if inc.id not in self.committing and now - inc.last_seen > LEASE:
-                self.abort(inc, f"no word from {inc.source} for {LEASE:.0f} s")
+            silent = (time.monotonic() if now is None else now) - inc.last_seen
+            if inc.state == "committed" or inc.ended:
+                if silent > KEEP_OUTCOME:
+                    self.active.pop(inc.id, None)
+                continue
+            self.settle(inc)
+            if inc.state != "committed" and not inc.ended and silent > LEASE:
+                with self.lock:
+                    self.abort(inc, f"no word from {inc.source} for {LEASE:.0f} s", keep_outcome=True)
 
     def status(self, inc: Incoming) -> dict:
         if inc.pod:
@@ -303,9 +392,14 @@ class Target:
                 self._save(inc)
             return {"id": inc.id, "state": inc.state, "layers": inc.layers, "message": inc.message,
                     "results": inc.results, "pids": inc.pids}
-        return {"id": inc.id, "state": inc.state, "layers": inc.layers, "pid": inc.pid}
+        fill = self.fills.get(inc.id)
+        return {"id": inc.id, "state": inc.state, "layers": inc.layers, "pid": inc.pid,
+                **({"message": inc.message} if inc.message else {}),
+                **(fill.progress() if fill is not None and inc.state == "restored" else {})}
 
     def _receiving(self, inc: Incoming) -> None:
+        if inc.state == "failed":
+            raise TargetError(f"migration {inc.id} failed on this node: {inc.message}", 409)
         if inc.state != "receiving":
             raise TargetError(f"migration {inc.id} is {inc.state}, not receiving", 409)
 
@@ -314,6 +408,19 @@ class Target:
         tmp = inc.dir / ".state.tmp"
         tmp.write_text(json.dumps(data))
         os.replace(tmp, inc.dir / ".state.json")
+
+
+class _Renewing:
+    """A request body that renews its migration's lease with every chunk: one file of a big
+    layer may take longer to arrive than the lease."""
+
+    def __init__(self, content, inc: Incoming):
+        self.content, self.inc = content, inc
+
+    async def iter_chunked(self, n: int):
+        async for chunk in self.content.iter_chunked(n):
+            self.inc.last_seen = time.monotonic()
+            yield chunk
 
 
 def _check(pattern: re.Pattern, value: str, what: str) -> None:
@@ -401,3 +508,18 @@ def _frozen(pid: int) -> bool:
         state = mounts["freezer"] / member.get("freezer", "/").lstrip("/") / "freezer.state"
         return state.exists() and state.read_text().strip() != "THAWED"
     return False
+
+
+def _resident_anon(root: int) -> int:
+    """Resident anonymous bytes of root's tree (RssAnon: kernel counters, no page walk)."""
+    total = 0
+    try:
+        tree = [root] + procfs.descendants(root)
+    except OSError:
+        return 0
+    for pid in tree:
+        try:
+            total += int(procfs.read_status(pid).get("RssAnon", "0 kB").split()[0]) * 1024
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
