@@ -127,9 +127,11 @@ for _ in range(50):
 
 
 def slow_fill(node: str, name: str, mib: int, seconds: float, kill_after: float = 0) -> subprocess.Popen:
-    """A fill of a mib MiB workload paced to take about seconds (at most: the daemon runs at
-    2 ms of CPU per 250 ms, ~15 MiB/s here)."""
-    return nodes.popen(node, ["python3", "-c", SLOW_THE_FILL, name, "2000", str(mib), str(seconds), str(kill_after)],
+    """A fill of a mib MiB workload paced to take about seconds. The pacing (the daemon stopped
+    while ahead) makes it long; the CPU cap (20 ms per 250 ms) only keeps it from racing ahead
+    between checks, with room to keep the pace on a loaded machine (at 2 ms it fell behind the
+    fill's bound under load)."""
+    return nodes.popen(node, ["python3", "-c", SLOW_THE_FILL, name, "20000", str(mib), str(seconds), str(kill_after)],
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
