@@ -146,9 +146,24 @@ def ns_pids(pid: int) -> list[int]:
 
 def image_ids(root: int, pids: list[int]) -> dict[int, int]:
     """The ids CRIU gives the tasks of root's tree in its images: their pids in the PID
-    namespace of root (1 for root itself when it is that namespace's init)."""
+    namespace of root (1 for root itself when it is that namespace's init). A task that
+    exited meanwhile is left out (a shell's short-lived children come and go)."""
     level = len(ns_pids(root)) - 1
-    return {pid: ns_pids(pid)[level] for pid in pids}
+    ids = {}
+    for pid in pids:
+        try:
+            ids[pid] = ns_pids(pid)[level]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+    return ids
+
+
+def starttime_or_none(pid: int) -> int | None:
+    """pid's start time, or None if it exited (between being listed and being read)."""
+    try:
+        return read_stat(pid).starttime
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
 def alive(pid: int, starttime: int | None = None) -> bool:

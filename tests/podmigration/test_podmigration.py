@@ -198,3 +198,61 @@ def _lines_of(kubectl, pod: str, container: str):
     from .conftest import LINE, Line
     out = kubectl("logs", pod, "-c", container, check=False).stdout
     return [Line(m[1], int(m[2]), m[3], float(m[4])) for m in map(LINE.match, out.splitlines()) if m]
+
+
+SHELL_LOOP = ('read token < /proc/sys/kernel/random/uuid; i=0; echo "start $token"; '
+              'while true; do i=$((i+1)); echo "tick $token $i"; sleep 0.1 & wait $!; done')
+
+
+def _ticks(kubectl, name: str) -> list[tuple[str, int]]:
+    out = kubectl("logs", name, check=False).stdout
+    return [(w[1], int(w[2])) for w in (line.split() for line in out.splitlines()) if len(w) == 3 and w[0] == "tick"]
+
+
+def _shell_on(node: str, marker: str) -> bool:
+    proc = runtime.run(node, ["sh", "-c", "cat /proc/[0-9]*/cmdline 2>/dev/null | tr '\\0' ' '"],
+                       capture_output=True, text=True)
+    return marker in proc.stdout
+
+
+def test_a_shell_loop_forking_children_moves(kubectl, runtime_class, agent_api, pods):
+    """A busybox shell whose loop forks a `sleep` every 0.1 s: tasks come and go between the
+    pre-copy rounds; the shell's variables (a token and a counter) must come along."""
+    marker = "pm-shell-loop-" + new_id()[:8]  # $0 of the shell: finds its process on a node
+    manifest = {"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": "pm-shell", "namespace": "default", "labels": {"app": "pm-shell"}},
+                "spec": {"nodeName": SOURCE, "terminationGracePeriodSeconds": 1,
+                         "containers": [{"name": "loop", "image": "memsnap.local/busybox:1",
+                                         "imagePullPolicy": "Never",
+                                         "command": ["sh", "-c", SHELL_LOOP, marker]}]}}
+    kubectl.apply(manifest)
+    pods.append("pm-shell")
+    pod = kubectl.pod_running("pm-shell")
+    token = kubectl.wait_for(lambda: [t for t in _ticks(kubectl, "pm-shell") if t[1] >= 5] or None,
+                             "the shell loop ticking")[0][0]
+    mig_id = new_id()
+    status, started = _migrate(agent_api, pod, mig_id, "pm-shell-2")
+    assert status == 202, started
+    kubectl.apply(target_pod(kubectl.json("get", "pod", "pm-shell"), "pm-shell-2", TARGET, mig_id))
+    pods.append("pm-shell-2")
+    st = _wait_phase(kubectl, agent_api, mig_id, ("HandedOver", "RolledBack", "Failed"))
+    assert st["phase"] == "HandedOver", st["message"]
+    before = _ticks(kubectl, "pm-shell")[-1]
+    kubectl("delete", "pod", "pm-shell", "--grace-period=0", "--force")
+    status, done = agent_api.call(SOURCE, "POST", f"/api/v1/migrations/{mig_id}/complete")
+    assert status == 200 and done["phase"] == "Completed", done
+
+    moved = kubectl.pod_running("pm-shell-2")
+    assert moved["spec"]["nodeName"] == TARGET and _restarts(kubectl, "pm-shell-2") == 0
+    after = kubectl.wait_for(lambda: [t for t in _ticks(kubectl, "pm-shell-2") if t[1] > before[1] + 20] or None,
+                             "the restored shell loop to go on")
+    assert {t[0] for t in _ticks(kubectl, "pm-shell-2")} == {token}  # the same shell: its variables came along
+    first_here = _ticks(kubectl, "pm-shell-2")[0][1]
+    assert before[1] - 5 <= first_here <= before[1] + 5, (before, first_here)  # counting on, not from 1
+    assert "start" not in kubectl("logs", "pm-shell-2").stdout  # restored, not started
+    assert kubectl.json("get", "pod", "pm-shell-2")["status"]["phase"] == "Running"
+    assert not _incoming_exists(mig_id)
+    kubectl.wait_for(lambda: not _shell_on(SOURCE, marker) or None, "the source's shell to be gone", timeout=60)
+    assert _shell_on(TARGET, marker)
+    print(f"shell loop moved at tick {before[1]} -> {after[-1][1]}; {done['finalImages']}; "
+          f"downtime {done['downtimeMs']} ms")

@@ -134,7 +134,7 @@ class TrackerPool:
         self.window_rounds = max(1, round(cfg.window / cfg.interval))
         self._cpu_marks: deque[tuple[float, float]] = deque(maxlen=CPU_CYCLES)
         self.snapshot = Snapshot()
-        self.lent: frozenset[int] = frozenset()  # pids a migration tracks itself meanwhile
+        self.lent: frozenset[int | str] = frozenset()  # pids and pod UIDs a migration tracks itself meanwhile
 
     # One period
 
@@ -143,7 +143,7 @@ class TrackerPool:
         pods = discovery.scan(self.cfg.proc)
         me = os.getpid()  # in a DaemonSet the agent is a pod process too: never trace ourselves
         procs = {(p.pid, p.starttime): p for pod in pods.values()
-                 for c in pod.containers.values() for p in c.processes if p.pid != me and p.pid not in self.lent}
+                 for c in pod.containers.values() for p in c.processes if p.pid != me and not self._is_lent(p)}
         self._end_vanished(procs)
         self._run_rounds()
         over_cpu = self._shed_for_cpu()
@@ -153,15 +153,19 @@ class TrackerPool:
         self.snapshot = self._publish(procs, began)
         return self.snapshot
 
-    def lend(self, pids: set[int]) -> None:
+    def lend(self, pids: set[int | str]) -> None:
         """A migration tracks these itself (one tracker per process): end their sessions here
-        and leave them alone until give_back. Run it on the pool's worker, between cycles."""
+        and leave them alone until give_back. Pids, or pod UIDs: every process of the pod,
+        children born later too (a shell's). Run it on the pool's worker, between cycles."""
         self.lent = frozenset(self.lent | pids)
-        for key in [k for k in self.tracked if k[0] in pids]:
+        for key in [k for k, t in self.tracked.items() if self._is_lent(t.proc)]:
             self._end(key)
 
-    def give_back(self, pids: set[int]) -> None:
+    def give_back(self, pids: set[int | str]) -> None:
         self.lent = frozenset(self.lent - pids)
+
+    def _is_lent(self, p: discovery.PodProcess) -> bool:
+        return p.pid in self.lent or p.cgroup.pod_uid in self.lent
 
     def stop_all(self) -> None:
         """End every session, leaving each target as it was (SIGTERM, shutdown)."""

@@ -38,7 +38,15 @@ def arm_tree(root: int, parent: Path | None, backend: str, selection: VmaSelecti
     armed: dict[int, Armed] = {}
     try:
         for pid in [root] + procfs.descendants(root):
-            armed[pid] = _arm_one(pid, parent, backend, selection)
+            started = procfs.starttime_or_none(pid)
+            if started is None:
+                continue  # exited since it was listed
+            try:
+                armed[pid] = _arm_one(pid, parent, backend, selection)
+            except (TrackingError, OSError):
+                if pid == root or procfs.alive(pid, started):
+                    raise
+                # a short-lived child (a shell's) exited while being armed: nothing to track
     except BaseException:
         release(armed)
         raise
@@ -57,6 +65,15 @@ def _arm_one(pid: int, parent: Path | None, backend: str, selection: VmaSelectio
 
 def release(armed: dict[int, Armed]) -> None:
     for a in armed.values():
+        a.tracker.close()
+
+
+def _drop_exited(armed: dict[int, Armed], pids: list[int]) -> None:
+    """Forget targets that exited after being armed (a shell's children come and go)."""
+    for pid in pids:
+        a = armed.pop(pid)
+        if procfs.alive(pid, a.tracker.starttime):
+            raise TrackingError(f"pid {pid} runs but its /proc could not be read")
         a.tracker.close()
 
 
@@ -81,8 +98,19 @@ def write(root: int, target: Path, parent: Path | None, backend: str = "auto",
             rel = out.link_parent(parent)
             cf.write_inventory(out.dir)  # lets CRIU take this layer as the parent of a final dump
             ids = procfs.image_ids(root, sorted(armed))  # CRIU names a task by its pid in root's namespace
-            pages = sum(write_process(out.dir, pid, ids[pid], i + 1, parent, a.present, ranges_of(a.tracker.tracked))
-                        for i, (pid, a) in enumerate(sorted(armed.items())))
+            _drop_exited(armed, [pid for pid in armed if pid not in ids])
+            pages = 0
+            for i, (pid, a) in enumerate(sorted(armed.items())):
+                try:
+                    pages += write_process(out.dir, pid, ids[pid], i + 1, parent, a.present,
+                                           ranges_of(a.tracker.tracked))
+                except (TrackingError, OSError):
+                    if pid == root or procfs.alive(pid, a.tracker.starttime):
+                        raise
+                    # exited while its pages were copied: this layer does not name it
+                    cf.pagemap_path(out.dir, ids[pid]).unlink(missing_ok=True)
+                    cf.pages_path(out.dir, i + 1).unlink(missing_ok=True)
+                    _drop_exited(armed, [pid])
             described = sum(described_in(out.dir, ids[pid]).pages for pid in armed)
             manifest = Manifest(kind="incremental" if parent else "full", parent=rel,
                                 pids=sorted(armed), backend=_backend_of(armed), pages=pages,

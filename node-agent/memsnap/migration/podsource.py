@@ -36,6 +36,7 @@ import aiohttp
 from .. import cgroupfs, procfs
 from ..checkpoint import criu, precopy
 from ..checkpoint.layers import described_in
+from ..images import criu_format as cf
 from ..images.layer import LayerWriter, Manifest, read_manifest
 from ..tracking import TrackingError, VmaSelection, registry
 from ..tracking.uffd_wp import UffdWp
@@ -116,7 +117,8 @@ class PodMigration:
     # -- the whole run --------------------------------------------------------------------
 
     async def run(self) -> None:
-        pids = {pid for c in self.containers for pid in [c.pid] + procfs.descendants(c.pid)}
+        # The pod's UID too: children born during the migration (a shell's) are ours as well.
+        pids = {pid for c in self.containers for pid in [c.pid] + procfs.descendants(c.pid)} | {self.req.uid}
         if self.lend_tracking is not None:
             await self.lend_tracking(pids, True)
         try:
@@ -221,13 +223,29 @@ class PodMigration:
     def _prepare_tracking(self) -> None:
         """Before the freeze (it needs the tasks running): the pre-copy trackers take back the
         write-protection, and the userfaultfd injected into the tasks is closed there (CRIU
-        cannot dump one) while our duplicate keeps tracking."""
+        cannot dump one) while our duplicate keeps tracking. A task that exits meanwhile is
+        left out; one born since the last layer has no tracker and is dumped whole."""
         for c in self.containers:
-            pids = [c.pid] + procfs.descendants(c.pid)
-            trackers = {pid: registry.resume(pid, VmaSelection()) for pid in pids if registry.parked_backend(pid)}
+            trackers: dict[int, UffdWp] = {}
             self.trackers[c.name] = trackers
+            for pid in [c.pid] + procfs.descendants(c.pid):
+                if not registry.parked_backend(pid):
+                    continue
+                try:
+                    trackers[pid] = registry.resume(pid, VmaSelection())
+                except (TrackingError, OSError):
+                    if pid == c.pid or procfs.alive(pid):
+                        raise
             for t in trackers.values():
                 t.drop_target_fd()
+
+    def _trackers_of_live(self, name: str, pids: list[int]) -> dict[int, UffdWp]:
+        """The container's trackers whose task still runs; those of tasks that exited since
+        the pre-copy (zombies included: CRIU dumps no memory of theirs) are closed."""
+        trackers = self.trackers.get(name, {})
+        for pid in [p for p, t in trackers.items() if p not in pids or not procfs.alive(p, t.starttime)]:
+            trackers.pop(pid).close()
+        return trackers
 
     def _release_tracking(self, name: str) -> None:
         for t in self.trackers.pop(name, {}).values():
@@ -252,16 +270,16 @@ class PodMigration:
         work = self.out / f"{c.name}.work"
         work.mkdir(mode=0o700, exist_ok=True)
         parent = self.layers[c.name][-1] if self.layers[c.name] else None
-        trackers = self.trackers.get(c.name, {})
-        pids = [c.pid] + procfs.descendants(c.pid)
-        delta = (parent is not None and set(trackers) == set(pids) and trackers
+        pids = [c.pid] + procfs.descendants(c.pid)  # frozen: the tree is fixed now
+        trackers = self._trackers_of_live(c.name, pids)
+        ids = procfs.image_ids(c.pid, pids)
+        delta = (parent is not None and c.pid in trackers and _parent_tasks_tracked(parent, ids, trackers)
                  and all(isinstance(t, UffdWp) for t in trackers.values())
                  and (parent / "inventory.img").is_file() and criu.has_uffd_tracking())
         try:
             with LayerWriter(self.out / c.name) as out:
                 began = time.monotonic()
                 if delta:
-                    ids = procfs.image_ids(c.pid, sorted(trackers))
                     written = sum(t.hand_over(described_in(parent, ids[pid])).pages for pid, t in trackers.items())
                     podruntime.checkpoint(c, out.dir, work, parent, ["track-mem-uffd"])
                     how = ("runc checkpoint --leave-running --parent-path, CRIU --track-mem-uffd: only the "
@@ -417,6 +435,14 @@ def _kill_frozen(cgroups: list[Path], freezers: list[cgroupfs.Freezer], what: st
         if f.path.exists():
             f.thaw()
     cgroupfs.kill_tasks(cgroups, f"pod {what}'s containers")
+
+
+def _parent_tasks_tracked(parent: Path, ids: dict[int, int], trackers: dict) -> bool:
+    """Whether every live task the parent layer names is tracked, so CRIU may take an
+    unwritten page of it from the chain. A task the parent does not name (a child born after
+    that layer) needs no tracker: CRIU finds no parent pagemap for it and dumps it whole."""
+    return all(pid in trackers for pid, image_id in ids.items()
+               if procfs.alive(pid) and cf.pagemap_path(parent, image_id).is_file())
 
 
 def _ms(seconds: float) -> float:

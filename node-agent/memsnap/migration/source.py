@@ -258,7 +258,12 @@ def _memory_bytes(root: int) -> int:
     """Private writable memory of the tree: what must move."""
     total = 0
     for pid in [root] + procfs.descendants(root):
-        total += sum(m.size for m in procfs.read_maps(pid) if m.writable and m.private)
+        try:
+            total += sum(m.size for m in procfs.read_maps(pid) if m.writable and m.private)
+        except (FileNotFoundError, ProcessLookupError):
+            if pid == root:
+                raise
+            continue  # a short-lived child exited since it was listed
     return total
 
 
@@ -276,8 +281,9 @@ def _restore_source(root: int, starttime: int, thr: "throttle.Throttle | None") 
             if registry.parked_backend(pid):
                 try:
                     registry.resume(pid, VmaSelection()).close()
-                except TrackingError as exc:
-                    log.error("could not release tracking of pid %d: %s", pid, exc)
+                except (TrackingError, OSError) as exc:
+                    if procfs.alive(pid):
+                        log.error("could not release tracking of pid %d: %s", pid, exc)
     if thr is not None:
         thr.reset()
 

@@ -56,9 +56,10 @@ def parked_backend(pid: int) -> str | None:
     """The backend a checkpoint chain left pid armed with, if any."""
     from .. import procfs
     from .state import read, state_dir
-    if not procfs.alive(pid):
-        return None
-    state = read(state_dir() / f"{pid}-{procfs.read_stat(pid).starttime}.json")
+    started = procfs.starttime_or_none(pid)
+    if started is None or not procfs.alive(pid, started):
+        return None  # exited (a shell's short-lived child may go at any time)
+    state = read(state_dir() / f"{pid}-{started}.json")
     return state.backend if state and state.mode == "parked" else None
 
 
