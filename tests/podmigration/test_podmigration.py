@@ -60,22 +60,30 @@ def _scratch(node: str, uid: str) -> str:
     return f"/var/lib/kubelet/pods/{uid}/volumes/kubernetes.io~empty-dir/scratch"
 
 
+def _move(kubectl, agent_api, pods, pod: dict, last):
+    """The whole hand-over as the operator drives it: migrate, target pod, HandedOver, the source
+    pod deleted, complete. Returns the Completed status and last(source) just before the delete."""
+    name = pod["metadata"]["name"]
+    mig_id = new_id()
+    status, started = _migrate(agent_api, pod, mig_id, f"{name}-2")
+    assert status == 202, started
+    kubectl.apply(target_pod(kubectl.json("get", "pod", name), f"{name}-2", TARGET, mig_id))
+    pods.append(f"{name}-2")
+    st = _wait_phase(kubectl, agent_api, mig_id, ("HandedOver", "RolledBack", "Failed"))
+    assert st["phase"] == "HandedOver", st["message"]
+    before = last(name)
+    kubectl("delete", "pod", name, "--grace-period=0", "--force")
+    status, done = agent_api.call(SOURCE, "POST", f"/api/v1/migrations/{mig_id}/complete")
+    assert status == 200 and done["phase"] == "Completed", done
+    return done, before
+
+
 def test_pod_moves_to_another_node_with_its_memory(kubectl, counter_image, runtime_class, agent_api, pods):
     pod, first = _start_source(kubectl, pods, "pm-move")
     note = f"written on {SOURCE} before the move\n"
     runtime.run(SOURCE, ["sh", "-c", 'mkdir -p "$1/sub" && printf %s "$2" > "$1/sub/note"', "sh",
                          _scratch(SOURCE, pod["metadata"]["uid"]), note], check=True)
-    mig_id = new_id()
-    status, started = _migrate(agent_api, pod, mig_id, "pm-move-2")
-    assert status == 202, started
-    kubectl.apply(target_pod(kubectl.json("get", "pod", "pm-move"), "pm-move-2", TARGET, mig_id))
-    pods.append("pm-move-2")
-    st = _wait_phase(kubectl, agent_api, mig_id, ("HandedOver", "RolledBack", "Failed"))
-    assert st["phase"] == "HandedOver", st["message"]
-    before = lines(kubectl, "pm-move")[-1]
-    kubectl("delete", "pod", "pm-move", "--grace-period=0", "--force")
-    status, done = agent_api.call(SOURCE, "POST", f"/api/v1/migrations/{mig_id}/complete")
-    assert status == 200 and done["phase"] == "Completed", done
+    done, before = _move(kubectl, agent_api, pods, pod, lambda name: lines(kubectl, name)[-1])
     assert done["downtimeMs"] > 0 and done["sourceNode"] == SOURCE and done["targetNode"] == TARGET
 
     moved = kubectl.pod_running("pm-move-2")
@@ -84,7 +92,7 @@ def test_pod_moves_to_another_node_with_its_memory(kubectl, counter_image, runti
                              "the restored counter to go on")[-1]
     assert (after.token, after.sum) == (first.token, first.sum)  # same process, memory exact
     assert "start token" not in kubectl("logs", "pm-move-2").stdout  # restored, not started
-    assert not _incoming_exists(mig_id)
+    assert not _incoming_exists(done["id"])
     moved_note = runtime.run(TARGET, ["cat", _scratch(TARGET, moved["metadata"]["uid"]) + "/sub/note"],
                              capture_output=True, text=True)
     assert moved_note.stdout == note, moved_note.stderr  # the emptyDir came along
@@ -230,17 +238,7 @@ def test_a_shell_loop_forking_children_moves(kubectl, runtime_class, agent_api, 
     pod = kubectl.pod_running("pm-shell")
     token = kubectl.wait_for(lambda: [t for t in _ticks(kubectl, "pm-shell") if t[1] >= 5] or None,
                              "the shell loop ticking")[0][0]
-    mig_id = new_id()
-    status, started = _migrate(agent_api, pod, mig_id, "pm-shell-2")
-    assert status == 202, started
-    kubectl.apply(target_pod(kubectl.json("get", "pod", "pm-shell"), "pm-shell-2", TARGET, mig_id))
-    pods.append("pm-shell-2")
-    st = _wait_phase(kubectl, agent_api, mig_id, ("HandedOver", "RolledBack", "Failed"))
-    assert st["phase"] == "HandedOver", st["message"]
-    before = _ticks(kubectl, "pm-shell")[-1]
-    kubectl("delete", "pod", "pm-shell", "--grace-period=0", "--force")
-    status, done = agent_api.call(SOURCE, "POST", f"/api/v1/migrations/{mig_id}/complete")
-    assert status == 200 and done["phase"] == "Completed", done
+    done, before = _move(kubectl, agent_api, pods, pod, lambda name: _ticks(kubectl, name)[-1])
 
     moved = kubectl.pod_running("pm-shell-2")
     assert moved["spec"]["nodeName"] == TARGET and _restarts(kubectl, "pm-shell-2") == 0
@@ -251,7 +249,7 @@ def test_a_shell_loop_forking_children_moves(kubectl, runtime_class, agent_api, 
     assert before[1] - 5 <= first_here <= before[1] + 5, (before, first_here)  # counting on, not from 1
     assert "start" not in kubectl("logs", "pm-shell-2").stdout  # restored, not started
     assert kubectl.json("get", "pod", "pm-shell-2")["status"]["phase"] == "Running"
-    assert not _incoming_exists(mig_id)
+    assert not _incoming_exists(done["id"])
     kubectl.wait_for(lambda: not _shell_on(SOURCE, marker) or None, "the source's shell to be gone", timeout=60)
     assert _shell_on(TARGET, marker)
     print(f"shell loop moved at tick {before[1]} -> {after[-1][1]}; {done['finalImages']}; "
