@@ -10,7 +10,7 @@ from pathlib import Path
 from .. import cgroupfs, procfs
 from ..cgroupfs import Freezer, FreezeError
 
-__all__ = ["Freezer", "FreezeError", "own_cgroup", "frozen_by_us"]
+__all__ = ["Freezer", "FreezeError", "of", "own_cgroup", "frozen_by_us"]
 
 
 def _freezer_mount() -> tuple[Path, bool, str]:
@@ -22,11 +22,19 @@ def _freezer_mount() -> tuple[Path, bool, str]:
     raise FreezeError("no cgroup freezer is mounted (neither v1 freezer nor cgroup2)")
 
 
+def of(pid: int) -> Freezer:
+    """The freezer cgroup pid sits in now."""
+    base, v2, kind = _freezer_mount()
+    member = cgroupfs.membership(pid)
+    if kind not in member:
+        raise FreezeError(f"pid {pid} is in no {kind} cgroup")
+    return Freezer(base / member[kind].lstrip("/"), v2)
+
+
 def frozen_by_us(root: int) -> Freezer | None:
     """The freezer cgroup memsnap made for root, if root sits in one."""
-    base, v2, kind = _freezer_mount()
-    here = base / cgroupfs.membership(root).get(kind, "/").lstrip("/")
-    return Freezer(here, v2) if here.name == f"memsnap-{root}" else None
+    here = of(root)
+    return here if here.path.name == f"memsnap-{root}" else None
 
 
 def own_cgroup(root: int) -> Freezer:
@@ -34,12 +42,12 @@ def own_cgroup(root: int) -> Freezer:
     mine = frozen_by_us(root)
     if mine is not None:
         return mine
-    base, v2, kind = _freezer_mount()
-    path = base / cgroupfs.membership(root).get(kind, "/").lstrip("/") / f"memsnap-{root}"
+    here = of(root)
+    path = here.path / f"memsnap-{root}"
     path.mkdir(exist_ok=True)
     for pid in [root] + procfs.descendants(root):
         try:
             (path / "cgroup.procs").write_text(str(pid))
         except ProcessLookupError:
             pass
-    return Freezer(path, v2)
+    return Freezer(path, here.v2)

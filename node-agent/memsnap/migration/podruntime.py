@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import cgroupfs
+from ..checkpoint import freezer as chain_freezer
 
 TASKS = Path("/run/containerd/io.containerd.runtime.v2.task/k8s.io")
 RUNC_ROOT = "/run/containerd/runc/k8s.io"
@@ -89,13 +90,10 @@ def freezer(c: PodContainer) -> cgroupfs.Freezer:
     again before it lets the tasks go (criu/seize.c, freezer_restore_state). A frozen parent
     (the pod's cgroup) would not do: CRIU thaws the container's cgroup to stop the tasks with
     ptrace, which a frozen parent prevents (CRIU times out on unseizable tasks)."""
-    mounts = cgroupfs.hierarchies()
-    member = cgroupfs.membership(c.pid)
-    if "freezer" in mounts and "freezer" in member:
-        return cgroupfs.Freezer(mounts["freezer"] / member["freezer"].lstrip("/"), False)
-    if "cgroup2" in mounts and "cgroup2" in member:
-        return cgroupfs.Freezer(mounts["cgroup2"] / member["cgroup2"].lstrip("/"), True)
-    raise PodRuntimeError(f"container {c.name} has no freezer cgroup on this node")
+    try:
+        return chain_freezer.of(c.pid)
+    except chain_freezer.FreezeError as exc:
+        raise PodRuntimeError(f"container {c.name} has no freezer cgroup on this node ({exc})") from None
 
 
 def container_cgroups(c: PodContainer) -> list[Path]:
