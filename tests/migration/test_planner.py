@@ -58,3 +58,12 @@ def test_a_state_dump_floor_over_the_budget_finalizes_once_memory_is_small():
     p.observe(rnd(0, 16384, 64 * MIB), now=p.started + 1)
     d = p.observe(rnd(1, 10, 10 * PAGE, collect_s=1.0, send_s=0.01), now=p.started + 2)
     assert d.action == "finalize" and "300 ms" in d.reason, d
+
+
+def test_a_floor_just_under_the_budget_finalizes_once_memory_is_small():
+    # 290 ms of state leaves 10 ms for memory: a workload writing 10 MiB/s never gets there
+    # (the 4 GiB migration of bench 7c failed at the progress timeout this way).
+    p = Planner(Policy(max_downtime_ms=300), memory_bytes=64 * MIB, fixed_cost_s=0.29)
+    p.observe(rnd(0, 16384, 64 * MIB), now=p.started + 1)
+    d = p.observe(rnd(1, 2560, 10 * MIB, collect_s=1.0, send_s=0.13), now=p.started + 2)  # ~17 ms of memory
+    assert d.action == "finalize" and "near the 300 ms budget" in d.reason, d

@@ -102,11 +102,14 @@ class Planner:
                             f"{self.policy.max_downtime_ms} ms", self.throttle)
         floor_ms = self.fixed_cost_s * 1000
         slack = max(FLOOR_SLACK_MS, FLOOR_SLACK_SHARE * floor_ms)
-        if floor_ms > self.policy.max_downtime_ms and r.predicted_downtime_ms - floor_ms <= slack:
-            # Memory is no longer what the pause is made of: more rounds cannot shorten it.
+        if floor_ms + slack > self.policy.max_downtime_ms and r.predicted_downtime_ms - floor_ms <= slack:
+            # Memory is no longer what the pause is made of: more rounds cannot shorten it. The
+            # floor need not exceed the budget: one that leaves less than the slack for memory
+            # cannot be met either (a workload always dirties something while a round is sent).
             return Decision("finalize", f"the memory left moves in {r.predicted_downtime_ms - floor_ms:.0f} ms; "
                             f"dumping and restoring process state alone takes {floor_ms:.0f} ms here, "
-                            f"over the {self.policy.max_downtime_ms} ms budget", self.throttle)
+                            f"{'over' if floor_ms > self.policy.max_downtime_ms else 'near'} the "
+                            f"{self.policy.max_downtime_ms} ms budget", self.throttle)
         if now - self.started > self.completion_timeout:
             return Decision("fail", f"did not converge within the completion timeout "
                             f"({self.completion_timeout:.0f} s for {self.memory_bytes / MIB:.0f} MiB); "
