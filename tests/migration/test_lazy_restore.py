@@ -29,6 +29,21 @@ def test_restore_leaves_the_precopied_memory_to_the_background_fill(ticker):
     assert not sh("node-2", "pgrep -f '[c]riu lazy-pages' || true").stdout.strip(), "the fill daemon stays"
 
 
+
+def test_a_large_workload_writing_while_it_is_filled_in_moves_exact(ticker):
+    # 4 GiB written at 10 MiB/s (bench 7c's workload): every write to a page not yet filled is
+    # a fault, and each split a range the daemon keeps. Before CRIU patch 0005 the daemon walked
+    # a list of those ranges on every fault, filled at ~13 MiB/s and hit the fill's 150 s bound.
+    t = ticker("node-1", mib=4096, rate=2621)
+    rc, events, err = migrate("node-1", t.pid, "node-2", timeout=560)
+    assert rc == 0, err
+    done = events[-1]
+    assert done["lazy_pages"] >= 0.9 * (4096 << 20) // PAGE, done
+    t.moved("node-2", done["target_pid"])
+    report = t.check()
+    assert report["ok"] and report["bad_pages"] == 0 and report["host"] == "node-2", report
+    assert not sh("node-2", "pgrep -f '[c]riu lazy-pages' || true").stdout.strip(), "the fill daemon stays"
+
 # On the target: find the lazy-pages daemon once the restore that needed it has returned.
 FIND_THE_FILL = r"""
 import os, signal, subprocess, sys, time
