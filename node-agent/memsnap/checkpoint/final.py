@@ -33,10 +33,14 @@ from .layers import entries as layer_entries
 
 
 def write(root: int, target: Path, parent: Path | None, selection: VmaSelection = VmaSelection(),
-          leave_running: bool = False, on_freeze: Callable[[], None] | None = None) -> Path:
+          leave_running: bool = False, on_freeze: Callable[[], None] | None = None,
+          untrack_later: list[Backend] | None = None) -> Path:
     """With leave_running the tree stays frozen (in own_cgroup(root)) after a successful dump,
     for the caller to end or thaw (a migration ends it once the target runs it); otherwise
-    CRIU stops it. on_freeze() is called the moment the tree is frozen (where a pause starts)."""
+    CRIU stops it. on_freeze() is called the moment the tree is frozen (where a pause starts).
+    With leave_running and untrack_later, a successful write hands its trackers over in that
+    list instead of closing them: closing walks every tracked page (smaps, unregister), which
+    a migration does once the pause is over, and must do before it thaws the tree."""
     if parent is not None:
         # Links only: hashing the whole chain here would delay the freeze, and every page
         # written meanwhile lands in the final layer; restore checks every checksum.
@@ -54,6 +58,9 @@ def write(root: int, target: Path, parent: Path | None, selection: VmaSelection 
             else:
                 manifest = _dump_whole(dump, pids, out, parent, trackers)
             layer = out.commit(manifest)
+        if leave_running and untrack_later is not None:
+            untrack_later.extend(trackers.values())
+            trackers.clear()
         for t in trackers.values():
             t.close()
         if not leave_running:

@@ -74,6 +74,7 @@ class SourceMigration:
         self.throttle: throttle.Throttle | None = None
         self.created_on_target = False
         self.layers: list[Path] = []
+        self.untrack: list = []  # the final layer's trackers, closed once the pause is over
         self.transferred = 0
         self.converged_because = "stop-and-copy: no pre-copy"
 
@@ -165,7 +166,8 @@ class SourceMigration:
         t0 = time.monotonic()
         parent = self.layers[-1] if self.layers else None  # none: stop-and-copy
         layer = await self._blocking(final.write, self.root, self.out / "final", parent,
-                                     VmaSelection(), True, lambda: marks.setdefault("frozen", time.monotonic()))
+                                     VmaSelection(), True, lambda: marks.setdefault("frozen", time.monotonic()),
+                                     self.untrack)
         frozen_at = marks.get("frozen", t0)
         m = read_manifest(layer)
         pause.update(m.phases)
@@ -215,7 +217,15 @@ class SourceMigration:
 
     async def _end_source(self) -> None:
         await self._blocking(_end_tree, self.root, self.starttime, self.container)
+        await self._blocking(self._untrack)  # the tree is gone: only our descriptors are left
         shutil.rmtree(self.out, ignore_errors=True)
+
+    def _untrack(self) -> None:
+        while self.untrack:
+            try:
+                self.untrack.pop().close()
+            except (TrackingError, OSError) as exc:
+                log.error("could not release tracking of pid %d: %s", self.root, exc)
 
     # -- rollback ------------------------------------------------------------------------
 
@@ -231,6 +241,7 @@ class SourceMigration:
                 await asyncio.wait_for(_call(self.session, "DELETE", self.req.base_url, None), 10)
             except Exception as e:  # noqa: BLE001 - the target's lease removes it anyway
                 log.warning("could not tell %s to drop migration %s: %s", self.req.target, self.req.id, e)
+        await self._blocking(self._untrack)  # before the thaw, as final.write does on failure
         await self._blocking(_restore_source, self.root, self.starttime, self.throttle)
         shutil.rmtree(self.out, ignore_errors=True)
 
