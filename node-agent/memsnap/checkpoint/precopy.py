@@ -88,9 +88,12 @@ def park(armed: dict[int, Armed], unsaved: bool) -> None:
 
 
 def write(root: int, target: Path, parent: Path | None, backend: str = "auto",
-          selection: VmaSelection = VmaSelection()) -> Path:
+          selection: VmaSelection = VmaSelection(), verify_parent: bool = True) -> Path:
+    """verify_parent=False checks the chain's links but not its checksums: for a chain the
+    caller wrote itself moments ago (a migration's, every round), where hashing it all again
+    costs seconds per round at a few GiB, and every page written meanwhile is sent again."""
     if parent is not None:
-        chain.load(parent)  # refuse to build on a broken chain
+        chain.load(parent, verify=verify_parent)  # refuse to build on a broken chain
     began = time.monotonic()
     armed = arm_tree(root, parent, backend, selection)
     try:

@@ -134,7 +134,9 @@ class SourceMigration:
     async def _write_layer(self) -> tuple[Path, float]:
         name = f"l{len(self.layers)}"
         parent = self.layers[-1] if self.layers else None
-        layer = await self._renewing_lease(self._blocking(precopy.write, self.root, self.out / name, parent))
+        # The chain is ours, hashed file by file as each layer was committed: links only.
+        layer = await self._renewing_lease(self._blocking(precopy.write, self.root, self.out / name, parent,
+                                                          verify_parent=False))
         collected = time.monotonic()  # the layer's dirty set was taken (about) now
         self.layers.append(layer)
         return layer, collected
