@@ -209,6 +209,8 @@ def _size_row(mib: int, r: dict, mode: str = "pre-copy") -> list:
     if r["event"] != "done":
         return [f"{mib} MiB", mode, "failed", "-", r["error"][:80], "-", "-", "-", "-"]
     phases = ", ".join(f"{k} {v:.0f}" for k, v in r["pause_phases"].items())
+    if r.get("restore_phases"):  # where the target's restore went
+        phases += " (restore: " + ", ".join(f"{k} {v:.0f}" for k, v in r["restore_phases"].items()) + ")"
     return [f"{mib} MiB", mode, f"{r['felt_ms']:.0f}", f"{r['downtime_ms']:.0f}", phases,
             f"{r.get('lazy_pages', 0) * 4096 / MIB:.0f}", f"{r.get('fill_seconds') or 0:.2f}",
             f"{r['total_seconds']:.1f}", r["iterations"]]

@@ -191,7 +191,8 @@ class SourceMigration:
         return {"event": "done", "target_node": self.req.target, "target_pid": restored["pid"],
                 "downtime_ms": round(downtime * 1000, 1), "final_layer_bytes": sent.bytes,
                 "pause_phases": {k: round(v * 1000, 1) for k, v in pause.items()},
-                "lazy_pages": restored.get("lazy_pages", 0), "fill_seconds": committed.get("fill_seconds")}
+                "lazy_pages": restored.get("lazy_pages", 0), "fill_seconds": committed.get("fill_seconds"),
+                "restore_phases": {k: round(v * 1000, 1) for k, v in restored.get("restore_phases", {}).items()}}
 
     async def _commit(self, lazy_bytes: int) -> dict:
         """Hand over, and ask until the target holds the workload for good: it answers within

@@ -293,8 +293,9 @@ class Target:
             self._save(inc)
             return {"state": inc.state}
         began = time.monotonic()
+        phases: dict[str, float] = {}
         try:
-            pid, fill = restore_container(inc.dir / layer, inc.container, lazy_restore_enabled())
+            pid, fill = restore_container(inc.dir / layer, inc.container, lazy_restore_enabled(), phases)
         except (criu.CriuError, chain_restore.LayerError, containers.ContainerError, OSError) as exc:
             raise TargetError(f"restore failed on this node: {exc}", 500) from None
         inc.pid, inc.starttime, inc.state = pid, procfs.read_stat(pid).starttime, "restored"
@@ -309,7 +310,7 @@ class Target:
             raise TargetError(f"the restored workload (pid {pid}) does not run", 500)
         if inc.container:
             containers.save(containers.Container(inc.container, pid, inc.starttime, inc.argv, "/dev/null"))
-        return {"pid": pid, "restore_seconds": round(restored_at - began, 6),
+        return {"pid": pid, "restore_seconds": round(restored_at - began, 6), "restore_phases": phases,
                 "confirm_seconds": round(time.monotonic() - restored_at, 6),
                 "lazy": fill is not None, "lazy_pages": fill.lazy_pages if fill else 0}
 
@@ -456,10 +457,12 @@ def lazy_restore_enabled() -> bool:
     return os.environ.get("MEMSNAP_LAZY_RESTORE", "1") != "0"
 
 
-def restore_container(layer: Path, name: str, lazy_fill: bool = False) -> tuple[int, Fill | None]:
+def restore_container(layer: Path, name: str, lazy_fill: bool = False,
+                      phases: dict[str, float] | None = None) -> tuple[int, Fill | None]:
     """criu restore of the chain, the restored tree in container name's cgroups (a fresh set,
     not the one it was dumped from), detached; returns its pid as this node sees it and, with
-    lazy_fill, the daemon filling its memory in."""
+    lazy_fill, the daemon filling its memory in. phases gets where a lazy restore's time went."""
+    phases = {} if phases is None else phases
     paths = containers.make_cgroups(name) if name else {}
     preexec = containers.join_cgroups_fn(paths) if paths else None
     with tempfile.TemporaryDirectory(prefix="memsnap-restore-") as work:
@@ -468,7 +471,10 @@ def restore_container(layer: Path, name: str, lazy_fill: bool = False) -> tuple[
             newest = chain_restore.verify(layer)[0].dir
             criu.restore(newest, pidfile, Path(work), preexec_fn=preexec)
             return int(pidfile.read_text()), None
-        return _restore_lazy(_received_chain(layer), pidfile, Path(work), preexec)
+        t = time.monotonic()
+        newest = _received_chain(layer)
+        phases["chain links"] = round(time.monotonic() - t, 6)
+        return _restore_lazy(newest, pidfile, Path(work), preexec, phases)
 
 
 def _received_chain(layer: Path) -> Path:
@@ -479,13 +485,23 @@ def _received_chain(layer: Path) -> Path:
     return chain_restore.verify(layer, thorough=False)[0].dir
 
 
-def _restore_lazy(newest: Path, pidfile: Path, work: Path, preexec) -> tuple[int, Fill]:
+def _restore_lazy(newest: Path, pidfile: Path, work: Path, preexec, phases: dict[str, float]) -> tuple[int, Fill]:
+    t = time.monotonic()
+
+    def mark(name: str) -> None:
+        nonlocal t
+        now = time.monotonic()
+        phases[name], t = round(now - t, 6), now
+
     # The in-parent pages (the pre-copied memory) become lazy too: restore reads only the delta.
     lazy.mark_parent_pages_lazy(newest)
+    mark("lazy marks")
     log_path = newest.parent / "lazy-pages.log"  # beside the chain: goes with it
     proc = criu.start_lazy_pages(newest, log_path)
+    mark("daemon start")
     try:
         criu.restore_lazy(newest, pidfile, work, preexec_fn=preexec)
+        mark("criu restore")
     except BaseException:
         proc.kill()
         proc.wait()
