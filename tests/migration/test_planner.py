@@ -67,3 +67,15 @@ def test_a_floor_just_under_the_budget_finalizes_once_memory_is_small():
     p.observe(rnd(0, 16384, 64 * MIB), now=p.started + 1)
     d = p.observe(rnd(1, 2560, 10 * MIB, collect_s=1.0, send_s=0.13), now=p.started + 2)  # ~17 ms of memory
     assert d.action == "finalize" and "near the 300 ms budget" in d.reason, d
+
+
+def test_the_time_a_layer_took_to_write_counts_in_the_prediction():
+    # 10 MiB/s dirtied; the layer took 2 s to write after its dirty set was taken and 0.1 s
+    # to send: ~21 MiB are written meanwhile, not 1 MiB (bench 7c at 4 GiB: predicted 212 ms
+    # from the send alone, a 48 MiB final layer, paused 1.2 s).
+    p = Planner(Policy(max_downtime_ms=300), memory_bytes=4096 * MIB, fixed_cost_s=0.1)
+    p.observe(rnd(0, 1 << 20, 4096 * MIB, send_s=20.0), now=p.started + 30)
+    r = Round(1, 2560, 10 * MIB, 1.0, 0.1, write_seconds=2.0)
+    d = p.observe(r, now=p.started + 33)
+    assert d.action == "continue", d
+    assert abs(r.remaining_bytes - 21 * MIB) < 4096 and 305 < r.predicted_downtime_ms < 315, r

@@ -7,6 +7,7 @@ separate `memsnap checkpoint` invocations continue one chain.
 from __future__ import annotations
 
 import time
+from typing import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,14 +89,18 @@ def park(armed: dict[int, Armed], unsaved: bool) -> None:
 
 
 def write(root: int, target: Path, parent: Path | None, backend: str = "auto",
-          selection: VmaSelection = VmaSelection(), verify_parent: bool = True) -> Path:
+          selection: VmaSelection = VmaSelection(), verify_parent: bool = True,
+          on_collect: Callable[[], None] | None = None) -> Path:
     """verify_parent=False checks the chain's links but not its checksums: for a chain the
     caller wrote itself moments ago (a migration's, every round), where hashing it all again
-    costs seconds per round at a few GiB, and every page written meanwhile is sent again."""
+    costs seconds per round at a few GiB, and every page written meanwhile is sent again.
+    on_collect() is called once the dirty set is taken: what is written after goes in the next."""
     if parent is not None:
         chain.load(parent, verify=verify_parent)  # refuse to build on a broken chain
     began = time.monotonic()
     armed = arm_tree(root, parent, backend, selection)
+    if on_collect is not None:
+        on_collect()
     try:
         with LayerWriter(target) as out:
             rel = out.link_parent(parent)

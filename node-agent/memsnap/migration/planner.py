@@ -2,8 +2,9 @@
 
 Defaults follow KubeVirt and QEMU: 300 ms of downtime, unlimited bandwidth, 150 s per GiB to
 complete, 150 s without progress. After each round the planner predicts the pause from what it
-measured: the pages written while the last layer was being sent (dirty rate x time since the
-last collect), the link's bandwidth, and the fixed cost of dumping and restoring process state.
+measured: the pages written since the last layer's dirty set was taken (dirty rate x the time
+that layer took to write and send) over the link's bandwidth, plus the fixed cost of dumping
+and restoring process state.
 """
 from __future__ import annotations
 
@@ -51,7 +52,8 @@ class Round:
     dirty_pages: int  # pages in this round's layer
     bytes_sent: int  # bytes of the layer's files
     collect_seconds: float  # from the previous collect to this one
-    send_seconds: float  # writing and sending the layer
+    send_seconds: float  # sending the layer
+    write_seconds: float = 0.0  # from this collect until the layer was written
     dirty_rate: float = 0.0  # bytes/s
     bandwidth: float = 0.0  # bytes/s, as measured on the link
     predicted_downtime_ms: float = 0.0
@@ -142,8 +144,9 @@ class Planner:
         r.bandwidth = r.bytes_sent / r.send_seconds if r.send_seconds > 0 and r.bytes_sent else self._last_bandwidth()
         if self.policy.bandwidth_bytes_s:
             r.bandwidth = min(r.bandwidth or self.policy.bandwidth_bytes_s, self.policy.bandwidth_bytes_s)
-        # Written while this layer was being written and sent: the next (maybe final) delta.
-        r.remaining_bytes = min(self.memory_bytes, int(r.dirty_rate * r.send_seconds))
+        # Written since this layer's dirty set was taken, while it was written and sent: the
+        # next (maybe final) delta.
+        r.remaining_bytes = min(self.memory_bytes, int(r.dirty_rate * (r.write_seconds + r.send_seconds)))
         r.remaining_bytes = self.memory_bytes if first else max(r.remaining_bytes, page)
         link = r.bandwidth or float("inf")
         r.predicted_downtime_ms = (self.fixed_cost_s + r.remaining_bytes / link) * 1000

@@ -117,10 +117,12 @@ class SourceMigration:
         while True:
             self._check_wanted()
             layer, collected = await self._write_layer()
+            written = time.monotonic()
             sent = await transfer.send_layer(self.session, self.req.base_url, layer, self.limiter)
             self.transferred += sent.bytes
             m = read_manifest(layer)
-            r = Round(len(planner.rounds), m.pages, sent.bytes, collected - last_collect, time.monotonic() - collected)
+            r = Round(len(planner.rounds), m.pages, sent.bytes, collected - last_collect, time.monotonic() - written,
+                      written - collected)
             last_collect = collected
             decision = planner.observe(r)
             await self.emit({"event": "round", **r.as_json()})
@@ -135,9 +137,11 @@ class SourceMigration:
         name = f"l{len(self.layers)}"
         parent = self.layers[-1] if self.layers else None
         # The chain is ours, hashed file by file as each layer was committed: links only.
-        layer = await self._renewing_lease(self._blocking(precopy.write, self.root, self.out / name, parent,
-                                                          verify_parent=False))
-        collected = time.monotonic()  # the layer's dirty set was taken (about) now
+        marks: dict[str, float] = {}
+        layer = await self._renewing_lease(self._blocking(
+            precopy.write, self.root, self.out / name, parent, verify_parent=False,
+            on_collect=lambda: marks.setdefault("collected", time.monotonic())))
+        collected = marks.get("collected", time.monotonic())  # the layer's dirty set was taken then
         self.layers.append(layer)
         return layer, collected
 
