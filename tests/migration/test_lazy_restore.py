@@ -114,14 +114,22 @@ def resident(p):
         pass
     return 0
 
-ticker, start, stopped = workload(), None, False
+# Stopped until the workload is known (the target names it a moment after the restore): its
+# resident memory then is the baseline. A baseline taken before counted the restored delta as
+# filled, or let a fast daemon bring most of the memory in before the pacing began.
+os.kill(pid, signal.SIGSTOP)
+ticker, start, stopped = None, None, True
 while os.path.exists(f"/proc/{pid}"):
     elapsed = time.monotonic() - began
     if kill_after and elapsed > kill_after:
         os.kill(pid, signal.SIGKILL)
         print("killed", pid, flush=True)
         kill_after = 0
-    have = resident(ticker or workload())
+    ticker = ticker or workload()
+    if ticker is None:
+        time.sleep(0.02)
+        continue
+    have = resident(ticker)
     start = have if start is None else start
     ahead = have - start > (mib << 20) * elapsed / seconds
     if ahead != stopped:
