@@ -85,6 +85,10 @@ print("killed", pid)
 # than a fill lasting argv[4] s would have brought in by then; killed after argv[5] s if that
 # is not 0. Prints how long the daemon lived.
 SLOW_THE_FILL = FIND_THE_FILL + r"""
+# Stopped at once (it fills ~2 GiB/s once the restore has returned) and until the workload
+# is known (the target names it a moment after the restore), whose resident memory then is
+# the baseline. Stopped only after the cgroup's set-up, it brought most of 128 MiB in first.
+os.kill(pid, signal.SIGSTOP)
 from pathlib import Path
 from memsnap import cgroupfs, containers
 name, quota, mib, seconds, kill_after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
@@ -114,10 +118,6 @@ def resident(p):
         pass
     return 0
 
-# Stopped until the workload is known (the target names it a moment after the restore): its
-# resident memory then is the baseline. A baseline taken before counted the restored delta as
-# filled, or let a fast daemon bring most of the memory in before the pacing began.
-os.kill(pid, signal.SIGSTOP)
 ticker, start, stopped = None, None, True
 while os.path.exists(f"/proc/{pid}"):
     elapsed = time.monotonic() - began
