@@ -123,3 +123,45 @@ def test_refusals(agent_api):
     assert status == 400 and "retention" in body["error"], body
     status, body = agent_api.call(NODE, "DELETE", "/api/v1/checkpoints/never-taken")
     assert status == 200 and body["removed"] is False, body
+
+
+def test_replica_on_a_peer_restores_after_the_node_died(kubectl, agent_api, counter_image, runtime_class, pods):
+    """Each checkpoint is copied to node-2's agent; with node-1 frozen (as good as dead), node-2
+    brings the pod back from its copy of the newest checkpoint."""
+    from memsnap.nodes import cgroups
+    kubectl.apply(counter_pod("ckpt-replicated", NODE, mib=32))
+    pods.append("ckpt-replicated")
+    pod = kubectl.pod_running("ckpt-replicated")
+    kubectl.wait_for(lambda: lines(kubectl, "ckpt-replicated")[-1:] or None, "the counter counting")
+    cid = str(uuid.uuid4())
+    body = {"pod": _pod_ref(pod), "id": cid, "retention": 2, "replicateTo": "node-2"}
+    frozen = False
+    try:
+        for _ in range(3):
+            before = lines(kubectl, "ckpt-replicated")[-1]
+            status, ck = agent_api.call(NODE, "POST", "/api/v1/checkpoints", body)
+            assert status == 201 and ck["replica"]["ok"], ck
+            assert ck["replica"]["sent"] == [ck["name"]], ck  # only the new one: the rest was there
+            time.sleep(1.2)
+        status, there = agent_api.call("node-2", "GET", f"/api/v1/checkpoints/{cid}")
+        same = lambda cks: [(c["name"], c["time"], c["layers"]) for c in cks]  # noqa: E731
+        assert status == 200 and same(there["checkpoints"]) == same(_listing(agent_api, cid)), there
+        after = lines(kubectl, "ckpt-replicated")[-1]
+
+        cgroups.freeze(NODE)
+        frozen = True
+        rid = str(uuid.uuid4())
+        status, staged = agent_api.call("node-2", "POST", f"/api/v1/checkpoints/{cid}/restore", {"as": rid})
+        assert status == 201 and staged["checkpoint"] == ck["name"], staged
+        kubectl.apply(restored_pod(pod, "ckpt-replicated-2", "node-2", rid))
+        pods.append("ckpt-replicated-2")
+        kubectl.pod_running("ckpt-replicated-2")
+        first = kubectl.wait_for(lambda: lines(kubectl, "ckpt-replicated-2")[:1] or None, "the restored counter")[0]
+        assert (first.token, first.sum) == (before.token, before.sum), (before, first)
+        assert before.count < first.count <= after.count + 1, (before, first, after)
+    finally:
+        if frozen:
+            cgroups.thaw(NODE)
+        agent_api.call(NODE, "DELETE", f"/api/v1/checkpoints/{cid}")
+        agent_api.call("node-2", "DELETE", f"/api/v1/checkpoints/{cid}")
+    assert on_node("node-2", "test", "-e", f"{ROOT}/{cid}").returncode == 1

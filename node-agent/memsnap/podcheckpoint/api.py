@@ -23,6 +23,7 @@ import shutil
 import time
 from pathlib import Path
 
+import aiohttp
 from aiohttp import web
 
 from .. import pki
@@ -30,8 +31,9 @@ from ..agent import auth
 from ..images import chain
 from ..images.layer import LayerError
 from ..migration import podtarget
+from ..migration.client import split_agent
 from ..migration.target import ID as RESTORE_ID, INCOMING
-from . import engine, store
+from . import engine, replica, store
 
 log = logging.getLogger(__name__)
 
@@ -40,14 +42,14 @@ RESTORE_KEEP = 300.0  # s a restore's flattened images wait for memsnap-runc bef
 
 
 class Context:
-    def __init__(self, node: str, lend_tracking, admins: frozenset[str] = frozenset({"operator", "admin"})):
-        self.node, self.lend_tracking, self.admins = node, lend_tracking, admins
+    def __init__(self, node: str, lend_tracking, client_ssl, admins: frozenset[str] = frozenset({"operator", "admin"})):
+        self.node, self.lend_tracking, self.client_ssl, self.admins = node, lend_tracking, client_ssl, admins
         self.chains: dict[str, engine.PodChain] = {}
         self.busy: set[str] = set()
 
 
 def setup(app: web.Application, tls: pki.TlsFiles, lend_tracking=None) -> None:
-    app[CTX] = Context(pki.identity_of(tls.cert.read_bytes()).name, lend_tracking)
+    app[CTX] = Context(pki.identity_of(tls.cert.read_bytes()).name, lend_tracking, pki.client_context(tls))
     for line in engine.recover():
         log.warning("%s", line)
     auth.add_routes(app, [
@@ -55,6 +57,7 @@ def setup(app: web.Application, tls: pki.TlsFiles, lend_tracking=None) -> None:
         web.get("/api/v1/checkpoints/{id}", list_),
         web.delete("/api/v1/checkpoints/{id}", delete),
         web.post("/api/v1/checkpoints/{id}/restore", restore),
+        *replica.routes(),
     ], kind=auth.MEMORY)
     app.on_shutdown.append(_release_all)
 
@@ -88,6 +91,7 @@ async def take(request: web.Request) -> web.Response:
         pod, cid = body["pod"], str(body["id"])
         namespace, name, uid = str(pod["namespace"]), str(pod["name"]), str(pod["uid"])
         retention = int(body.get("retention", 3))
+        peer = str(body.get("replicateTo") or "")
     except (KeyError, ValueError, TypeError, AttributeError) as exc:
         return _error(400, f"bad checkpoint request: {exc!r} (want pod.namespace, pod.name, pod.uid, id, retention)")
     if not store.ID.match(cid):
@@ -107,6 +111,8 @@ async def take(request: web.Request) -> web.Response:
         if ctx.lend_tracking is not None:  # the agent's own tracking of the pod steps aside for ours
             await ctx.lend_tracking({uid}, True)
         result = await asyncio.to_thread(ch.take, retention)
+        if peer:
+            result["replica"] = await _replicate(ctx, cid, peer, retention)
     except engine.CheckpointError as exc:
         log.warning("checkpoint %s of %s/%s failed: %s", cid, namespace, name, exc)
         return _error(exc.status, str(exc))
@@ -118,6 +124,37 @@ async def take(request: web.Request) -> web.Response:
     log.info("checkpoint %s of %s/%s: %s (%d bytes, %d layers, pause %s ms)", cid, namespace, name,
              result["name"], result["size"], result["layers"], result.get("pauseMs"))
     return web.json_response(result, status=201)
+
+
+async def _replicate(ctx: Context, cid: str, peer: str, retention: int) -> dict:
+    """Every kept checkpoint the peer lacks, sent to it; a failure is reported, not fatal (the
+    checkpoint is taken; the next one sends what is missing)."""
+    host, port = split_agent(peer)
+    if host == ctx.node:
+        return {"node": host, "ok": False, "error": "a replica must be on another node"}
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx.client_ssl),
+                                         timeout=aiohttp.ClientTimeout(total=None, sock_connect=5, sock_read=30),
+                                         headers={auth.NODE_HEADER: ctx.node}) as session:
+            sent = await replica.send_missing(session, f"https://{host}:{port}", cid, retention)
+    except Exception as exc:  # noqa: BLE001 - said in the answer; the next checkpoint tries again
+        log.warning("checkpoint %s: replication to %s failed: %s", cid, host, exc)
+        return {"node": host, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"node": host, "ok": True, "sent": sent}
+
+
+async def release_pod(app: web.Application, uid: str) -> bool:
+    """A migration of pod uid takes over its tracking: our trackers go (the next checkpoint
+    starts a new chain). False while a checkpoint of it is being taken."""
+    ctx: Context | None = app.get(CTX)
+    if ctx is None:
+        return True
+    mine = [ch for ch in ctx.chains.values() if ch.uid == uid]
+    if any(ch.id in ctx.busy for ch in mine):
+        return False
+    for ch in mine:
+        await asyncio.to_thread(ch.release)
+    return True
 
 
 async def list_(request: web.Request) -> web.Response:
