@@ -9,6 +9,7 @@ from typing import Any
 import kopf
 
 from . import metrics
+from .checkpoint.restore import FromCheckpoint
 from .checkpoint.run import Checkpointing
 from .clients import checkpoint_status
 from .clients.agents import AgentError, Agents
@@ -83,7 +84,10 @@ async def migrate(*, body: kopf.Body, uid: str, memo: kopf.Memo, stopped: kopf.D
     async with _lock(memo, uid):
         if stopped.is_set():
             return
-        await Migration(memo["services"], dict(body)).run(_KopfStop(stopped))
+        if (body.get("spec") or {}).get("fromCheckpoint"):
+            await FromCheckpoint(memo["services"], dict(body)).run(_KopfStop(stopped))
+        else:
+            await Migration(memo["services"], dict(body)).run(_KopfStop(stopped))
 
 
 @kopf.on.delete(GROUP, VERSION, MIGRATIONS, id="roll-back", registry=REGISTRY)
@@ -92,7 +96,10 @@ async def deleted(*, body: kopf.Body, uid: str, name: str, namespace: str, memo:
     services: Services = memo["services"]
     async with _lock(memo, uid):
         fresh = await services.kube.get_migration(namespace, name) or dict(body)
-        await Migration(services, fresh).deleted()
+        if (fresh.get("spec") or {}).get("fromCheckpoint"):
+            await FromCheckpoint(services, fresh).deleted()
+        else:
+            await Migration(services, fresh).deleted()
     memo["locks"].pop(uid, None)
 
 

@@ -13,7 +13,7 @@ from ..clients.agents import AgentError
 from ..clients.kube import KubeError
 from ..constants import GROUP, VERSION
 from ..migration.flow import Services
-from ..migration.placement import internal_ip
+from ..migration.placement import internal_ip, ready
 from . import schedule
 
 log = logging.getLogger(__name__)
@@ -76,16 +76,28 @@ class Checkpointing:
             request = {"pod": {"namespace": self.namespace, "name": pod["metadata"]["name"],
                                "uid": pod["metadata"]["uid"]},
                        "id": self.uid, "retention": int(self.spec.get("retention", 3))}
+            peer = await self._peer(node)
+            if peer:
+                request["replicateTo"] = peer
             taken = await self.agents.checkpoint(node, address, request)
             kept = await self.agents.checkpoints(node, address, self.uid)
         except (Refused, AgentError, KubeError) as exc:
             await self._failed("CheckpointFailed", str(exc))
             return
+        replica = taken.get("replica") or {}
+        message = (f"checkpoint {taken['name']} on {node}: {taken['size']} bytes, {taken['layers']} layer(s), "
+                   f"the pod stood still {taken.get('pauseMs', '?')} ms")
+        if replica.get("ok"):
+            message += f"; copied to {replica['node']}"
+        elif replica:
+            message += f"; NOT copied to {replica.get('node')}: {replica.get('error')}"
+            await self.kube.post_event(self.ref, "Warning", "ReplicationFailed", message)
         status = {"phase": ACTIVE, "node": node, "lastCheckpointTime": taken["time"],
                   "checkpoints": [{k: c[k] for k in ("name", "time", "size", "layers") if k in c} for c in kept],
-                  "message": f"checkpoint {taken['name']} on {node}: {taken['size']} bytes, "
-                             f"{taken['layers']} layer(s), the pod stood still {taken.get('pauseMs', '?')} ms",
+                  "message": message,
                   "conditions": [_condition("True", "CheckpointTaken", f"checkpoint {taken['name']} on {node}")]}
+        if replica.get("ok"):
+            status["replicaNode"] = replica["node"]
         self.status.update(status)
         await checkpoint_status.patch_status(self.kube, self.namespace, self.name, status)
 
@@ -101,14 +113,23 @@ class Checkpointing:
 
     # ---- deletion --------------------------------------------------------------------------
 
+    async def _peer(self, node: str) -> str | None:
+        """Where the checkpoints are copied: the peer of the last time while it is Ready, else
+        the first Ready, schedulable node other than the pod's (by name)."""
+        candidates = [n for n in await self.kube.list_nodes()
+                      if n["metadata"]["name"] != node and ready(n) and not (n.get("spec") or {}).get("unschedulable")]
+        names = sorted(n["metadata"]["name"] for n in candidates)
+        previous = self.status.get("replicaNode")
+        return previous if previous in names else (names[0] if names else None)
+
     async def deleted(self) -> str:
-        """Remove the images on the node that holds them; raises AgentError when it cannot
+        """Remove the images on the nodes that hold them; raises AgentError when it cannot
         (the caller retries, then lets go and says so)."""
-        node = self.status.get("node")
-        if not node:
-            return "no checkpoint was taken: nothing to remove"
-        removed = await self.agents.delete_checkpoints(node, await self._address(node), self.uid)
-        return f"checkpoints on {node} removed" if removed else f"no checkpoints left on {node}"
+        said = []
+        for node in dict.fromkeys(n for n in (self.status.get("node"), self.status.get("replicaNode")) if n):
+            removed = await self.agents.delete_checkpoints(node, await self._address(node), self.uid)
+            said.append(f"checkpoints on {node} removed" if removed else f"no checkpoints left on {node}")
+        return "; ".join(said) or "no checkpoint was taken: nothing to remove"
 
     async def _address(self, node: str) -> str:
         obj = await self.kube.get_node(node)

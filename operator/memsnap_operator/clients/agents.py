@@ -67,6 +67,11 @@ class Agents:
         return bool((await self._client(node, address, 120.0).call_json(
             "DELETE", f"{CHECKPOINTS}/{checkpoint_id}")).get("removed"))
 
+    async def restore_checkpoint(self, node: str, address: str, checkpoint_id: str, as_id: str) -> dict:
+        """The newest checkpoint staged on node for a pod annotated memsnap.io/restore-from=as_id."""
+        return await self._client(node, address, CHECKPOINT_TIMEOUT).call_json(
+            "POST", f"{CHECKPOINTS}/{checkpoint_id}/restore", json={"as": as_id})
+
     async def close(self) -> None:
         for client in self._clients.values():
             await client.close()
