@@ -56,6 +56,8 @@ def test_checkpoints_incremental_retained_and_restorable(kubectl, agent_api, cou
         assert status == 201, newest
         time.sleep(1.2)
         after = lines(kubectl, "ckpt-counter")[-1]
+        print("checkpoints (bytes, layers, pause ms, seconds):",
+              [(ck["size"], ck["layers"], ck["pauseMs"], ck["seconds"]) for ck in taken + [newest]])
         # The first holds all 64 MiB; later ones only what the counter wrote since (a few pages).
         assert taken[0]["size"] > 64 << 20, taken[0]
         assert all(ck["size"] < 8 << 20 for ck in taken[1:]), [ck["size"] for ck in taken]

@@ -46,6 +46,7 @@ class Context:
         self.node, self.lend_tracking, self.client_ssl, self.admins = node, lend_tracking, client_ssl, admins
         self.chains: dict[str, engine.PodChain] = {}
         self.busy: set[str] = set()
+        self.cleanups: set[asyncio.Task] = set()  # staged restores waiting to be dropped
 
 
 def setup(app: web.Application, tls: pki.TlsFiles, lend_tracking=None) -> None:
@@ -206,7 +207,9 @@ async def restore(request: web.Request) -> web.Response:
     except (LayerError, OSError) as exc:
         shutil.rmtree(dest, ignore_errors=True)
         return _error(500, f"cannot stage checkpoint {name} of {cid} for restore: {exc}")
-    asyncio.get_running_loop().create_task(_drop_when_restored(dest, containers))
+    task = asyncio.get_running_loop().create_task(_drop_when_restored(dest, containers))
+    ctx.cleanups.add(task)
+    task.add_done_callback(ctx.cleanups.discard)
     return web.json_response({"restoreId": rid, "checkpoint": name, "containers": containers}, status=201)
 
 

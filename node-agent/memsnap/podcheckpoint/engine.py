@@ -111,7 +111,7 @@ class PodChain:
         fresh = json.loads((base / name / store.META).read_text())  # pruning may have merged it
         return {**meta, "size": fresh["size"], "layers": fresh["layers"], "pruned": pruned}
 
-    def _parent(self, c: PodContainer, staging: Path, previous: str | None) -> Path:
+    def _parent(self, c: PodContainer, staging: Path, previous: str | None) -> Path | None:
         """The image this container's dump builds on: the previous checkpoint while its
         trackers live on, else a new memsnap layer of all memory (trackers armed, then resumed
         and the injected fd closed in the tasks)."""
@@ -120,7 +120,11 @@ class PodChain:
                 and (prev := store.final_dir(self.id, previous, c.name)).is_dir()):
             return prev
         self._release(c.name)
-        layer = precopy.write(c.pid, staging / (c.name + store.PRE), None)
+        try:
+            layer = precopy.write(c.pid, staging / (c.name + store.PRE), None)
+        except TrackingError as exc:  # e.g. a task with a userfaultfd of its own: dumped whole, untracked
+            log.warning("checkpoint %s: container %s cannot be tracked (%s): a full dump", self.id, c.name, exc)
+            return None
         t = Tracked(c.id, c.pid)
         self.tracked[c.name] = t
         for pid in [c.pid] + procfs.descendants(c.pid):
@@ -133,11 +137,12 @@ class PodChain:
                     continue
                 t.trackers[pid] = tracker
         for tracker in t.trackers.values():
-            tracker.drop_target_fd()
+            if isinstance(tracker, UffdWp):  # CRIU cannot dump it; other backends inject nothing
+                tracker.drop_target_fd()
         return layer
 
     def _frozen_dumps(self, containers: list[PodContainer], staging: Path,
-                      parents: dict[str, Path]) -> tuple[dict[str, str], float]:
+                      parents: dict[str, Path | None]) -> tuple[dict[str, str], float]:
         freezers = [podruntime.freezer(c) for c in containers]
         self._record(containers, freezers)  # before freezing: a dead agent's successor thaws them
         hows: dict[str, str] = {}
@@ -154,7 +159,7 @@ class PodChain:
             self._record(containers, [])
         return hows, pause
 
-    def _dump(self, c: PodContainer, staging: Path, parent: Path, pack: bool) -> str:
+    def _dump(self, c: PodContainer, staging: Path, parent: Path | None, pack: bool) -> str:
         """runc checkpoint of the frozen container against parent: only what was written since
         when every task the parent names is tracked (uffd-wp), else every page (and the
         container's tracking starts over at the next checkpoint)."""
@@ -165,7 +170,7 @@ class PodChain:
         for pid in [p for p, tr in t.trackers.items() if p not in pids or not procfs.alive(p, tr.starttime)]:
             t.trackers.pop(pid).close()
         ids = procfs.image_ids(c.pid, pids)
-        delta = (c.pid in t.trackers and _parent_tasks_tracked(parent, ids, t.trackers)
+        delta = (parent is not None and c.pid in t.trackers and _parent_tasks_tracked(parent, ids, t.trackers)
                  and all(isinstance(tr, UffdWp) for tr in t.trackers.values())
                  and (parent / "inventory.img").is_file() and criu.has_uffd_tracking())
         with LayerWriter(staging / c.name) as out:
@@ -187,7 +192,7 @@ class PodChain:
                                 described_pages=0, seconds=round(time.monotonic() - began, 6), how=how)
             out.commit(manifest)
         shutil.rmtree(work, ignore_errors=True)
-        if not delta and parent.name.endswith(store.PRE):
+        if not delta and parent is not None and parent.name.endswith(store.PRE):
             shutil.rmtree(parent, ignore_errors=True)  # the full dump needs no layer below it
         return how
 
