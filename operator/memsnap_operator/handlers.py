@@ -53,7 +53,7 @@ def login(*, memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 async def close(*, memo: kopf.Memo, **_: Any) -> None:
     services: Services = memo["services"]
     await services.agents.close()
-    services.kube.close()
+    await services.kube.close()
 
 
 class _KopfStop:
