@@ -27,9 +27,8 @@ async def plan(kube: Kube, ref: MigrationRef) -> Plan:
     if pod is None:
         raise Refused(f"pod {ref.namespace}/{ref.pod_name} does not exist")
     check_pod(pod)
-    if ref.from_checkpoint:
-        raise Refused(f"spec.fromCheckpoint ({ref.from_checkpoint}): restoring from a PodCheckpoint is not "
-                      f"implemented yet")
+    if ref.from_checkpoint:  # handlers route these to checkpoint/restore.py: never a live migration
+        raise Refused(f"spec.fromCheckpoint ({ref.from_checkpoint}) is a restore, not a live migration")
     await check_not_held(kube, pod, ref)
     target = await _target(kube, pod, ref.target_node)
     await check_volumes(kube, pod, target)
