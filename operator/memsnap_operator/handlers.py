@@ -11,7 +11,6 @@ import kopf
 from . import metrics
 from .checkpoint.restore import FromCheckpoint
 from .checkpoint.run import Checkpointing
-from .clients import checkpoint_status
 from .clients.agents import AgentError, Agents
 from .clients.kube import Kube, load_config
 from .config import OperatorConfig
@@ -121,7 +120,7 @@ async def checkpoint_deleted(*, body: kopf.Body, uid: str, namespace: str, name:
     times, then the PodCheckpoint goes anyway (a Warning Event says what was left)."""
     services: Services = memo["services"]
     async with _lock(memo, uid):
-        fresh = await checkpoint_status.get(services.kube, namespace, name) or dict(body)
+        fresh = await services.kube.get_checkpoint(namespace, name) or dict(body)
         ckpt = Checkpointing(services, fresh)
         try:
             logger.info(await ckpt.deleted())

@@ -16,7 +16,6 @@ import asyncio
 import logging
 from typing import Any, Mapping
 
-from ..clients import checkpoint_status
 from ..clients.agents import AgentError
 from ..clients.kube import KubeError
 from ..constants import FAILED, FINAL, PENDING, RESTORING, SCHEDULING, SUCCEEDED
@@ -52,7 +51,7 @@ class FromCheckpoint:
 
     async def _run(self, stop: Stop) -> None:
         ns = self.ref.namespace
-        ckpt = await checkpoint_status.get(self.kube, ns, self.ref.from_checkpoint)
+        ckpt = await self.kube.get_checkpoint(ns, self.ref.from_checkpoint)
         if ckpt is None:
             raise Failure(f"PodCheckpoint {ns}/{self.ref.from_checkpoint} does not exist")
         if (ckpt.get("spec") or {}).get("podName") != self.ref.pod_name:

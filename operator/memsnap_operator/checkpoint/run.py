@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Mapping, Protocol
 
-from ..clients import checkpoint_status
 from ..clients.agents import AgentError
 from ..clients.kube import KubeError
 from ..constants import GROUP, VERSION
@@ -99,14 +98,14 @@ class Checkpointing:
         if replica.get("ok"):
             status["replicaNode"] = replica["node"]
         self.status.update(status)
-        await checkpoint_status.patch_status(self.kube, self.namespace, self.name, status)
+        await self.kube.patch_checkpoint_status(self.namespace, self.name, status)
 
     async def _failed(self, reason: str, message: str) -> None:
         log.warning("PodCheckpoint %s/%s: %s", self.namespace, self.name, message)
         status = {"phase": FAILED, "message": message, "conditions": [_condition("False", reason, message)]}
         self.status.update(status)
         try:
-            await checkpoint_status.patch_status(self.kube, self.namespace, self.name, status)
+            await self.kube.patch_checkpoint_status(self.namespace, self.name, status)
             await self.kube.post_event(self.ref, "Warning", reason, message)
         except KubeError as exc:
             log.error("PodCheckpoint %s/%s: could not record the failure: %s", self.namespace, self.name, exc)

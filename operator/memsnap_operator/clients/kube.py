@@ -18,7 +18,7 @@ import aiohttp
 import kubernetes
 from kubernetes.client import Configuration
 
-from ..constants import GROUP, MIGRATIONS, VERSION
+from ..constants import CHECKPOINTS, GROUP, MIGRATIONS, VERSION
 
 COMPONENT = "memsnap-operator"
 MERGE = "application/merge-patch+json"
@@ -116,11 +116,23 @@ class Kube:
         return await self._get(_custom(namespace, MIGRATIONS, name))
 
     async def patch_migration_status(self, namespace: str, name: str, status: dict) -> None:
+        await self._patch_status(_custom(namespace, MIGRATIONS, name), status)
+
+    # ---- PodCheckpoints ------------------------------------------------------------------
+
+    async def get_checkpoint(self, namespace: str, name: str) -> dict | None:
+        return await self._get(_custom(namespace, CHECKPOINTS, name))
+
+    async def patch_checkpoint_status(self, namespace: str, name: str, status: dict) -> None:
+        await self._patch_status(_custom(namespace, CHECKPOINTS, name), status)
+
+    async def _patch_status(self, path: str, status: dict) -> None:
+        """A merge patch of a resource's status; nothing when it is gone (deleted and its
+        finalizer released: nothing to record on)."""
         try:
-            await self._call("PATCH", _custom(namespace, MIGRATIONS, name) + "/status", {"status": status},
-                             content_type=MERGE)
+            await self._call("PATCH", path + "/status", {"status": status}, content_type=MERGE)
         except KubeError as exc:
-            if exc.status != 404:  # gone (deleted and its finalizer released): nothing to record on
+            if exc.status != 404:
                 raise
 
     # ---- events --------------------------------------------------------------------------
