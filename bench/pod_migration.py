@@ -96,7 +96,8 @@ def pod_move(mib: int) -> dict:
     kubectl("delete", "pod", name + "-2", "--grace-period=0", "--force")
     assert (after[1], after[3]) == (first[1], first[3]), "token or memory differ after the move"
     return {"felt_ms": float(after[4]), "downtime_ms": st["downtimeMs"], "total_s": round(total, 1),
-            "iterations": st["iterations"], "phases": st["pausePhases"], "how": st["finalImages"]}
+            "iterations": st["iterations"], "phases": st["pausePhases"], "how": st["finalImages"],
+            "lazy_mib": st.get("lazyBytes", 0) >> 20, "fill_s": st.get("fillSeconds")}
 
 
 def process_move(mib: int) -> dict:
@@ -109,16 +110,22 @@ def process_move(mib: int) -> dict:
             "iterations": r.get("iterations"), "phases": r.get("pause_phases")}
 
 
+def _ms(value) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def run(sizes=(64, 256)) -> str:
     prepare()
     rows, details = [], []
     for mib in sizes:
         pod, proc = pod_move(mib), process_move(mib)
         rows.append([f"{mib} MiB", f"{pod['felt_ms']:.0f}", f"{pod['downtime_ms']:.0f}",
-                     f"{pod['phases'].get('restore (target)', 0):.0f}", f"{pod['total_s']}",
-                     f"{proc['felt_ms']:.0f}" if proc["felt_ms"] else "-", f"{proc['downtime_ms']:.0f}"])
+                     f"{pod['phases'].get('restore (target)', 0):.0f}", f"{pod['lazy_mib']} / {pod['fill_s']}",
+                     f"{pod['total_s']}",
+                     _ms(proc["felt_ms"]), _ms(proc["downtime_ms"])])
         details.append(f"{mib} MiB pod: {json.dumps(pod)}\n{mib} MiB process: {json.dumps(proc)}")
-    head = ["workload", "pod: pause felt ms", "pod: pause ms (agent)", "runc restore ms (wrapper)", "pod: total s",
+    head = ["workload", "pod: pause felt ms", "pod: pause ms (agent)", "runc restore ms (wrapper)",
+            "pod: lazily filled MiB / fill s", "pod: total s",
             "process: pause felt ms", "process: pause ms (agent)"]
     return table(head, rows) + "\n\n" + "\n".join(details)
 

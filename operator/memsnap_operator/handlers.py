@@ -1,5 +1,5 @@
 """kopf handlers: thin, typed, keyword-only. Each builds or takes the domain objects and
-calls one step of memsnap_operator.migration; the work and its rules live there."""
+calls one step of memsnap_operator.migration or .checkpoint; the work and its rules live there."""
 from __future__ import annotations
 
 import asyncio
@@ -9,13 +9,16 @@ from typing import Any
 import kopf
 
 from . import metrics
-from .clients.agents import Agents
+from .checkpoint.restore import FromCheckpoint
+from .checkpoint.run import Checkpointing
+from .clients.agents import AgentError, Agents
 from .clients.kube import Kube, load_config
 from .config import OperatorConfig
-from .constants import ANNOTATION_PREFIX, FINAL, FINALIZER, GROUP, MIGRATIONS, VERSION
+from .constants import ANNOTATION_PREFIX, CHECKPOINTS, FINAL, FINALIZER, GROUP, MIGRATIONS, VERSION
 from .migration.flow import Migration, Services
 
 REGISTRY = kopf.OperatorRegistry()
+CHECKPOINT_DELETE_TRIES = 4  # 5 s apart: then a PodCheckpoint whose node is gone is deleted anyway
 
 
 @kopf.on.startup(registry=REGISTRY)
@@ -49,7 +52,7 @@ def login(*, memo: kopf.Memo, **_: Any) -> kopf.ConnectionInfo:
 async def close(*, memo: kopf.Memo, **_: Any) -> None:
     services: Services = memo["services"]
     await services.agents.close()
-    services.kube.close()
+    await services.kube.close()
 
 
 class _KopfStop:
@@ -80,7 +83,10 @@ async def migrate(*, body: kopf.Body, uid: str, memo: kopf.Memo, stopped: kopf.D
     async with _lock(memo, uid):
         if stopped.is_set():
             return
-        await Migration(memo["services"], dict(body)).run(_KopfStop(stopped))
+        if (body.get("spec") or {}).get("fromCheckpoint"):
+            await FromCheckpoint(memo["services"], dict(body)).run(_KopfStop(stopped))
+        else:
+            await Migration(memo["services"], dict(body)).run(_KopfStop(stopped))
 
 
 @kopf.on.delete(GROUP, VERSION, MIGRATIONS, id="roll-back", registry=REGISTRY)
@@ -89,5 +95,38 @@ async def deleted(*, body: kopf.Body, uid: str, name: str, namespace: str, memo:
     services: Services = memo["services"]
     async with _lock(memo, uid):
         fresh = await services.kube.get_migration(namespace, name) or dict(body)
-        await Migration(services, fresh).deleted()
+        if (fresh.get("spec") or {}).get("fromCheckpoint"):
+            await FromCheckpoint(services, fresh).deleted()
+        else:
+            await Migration(services, fresh).deleted()
+    memo["locks"].pop(uid, None)
+
+
+# ---- PodCheckpoint ---------------------------------------------------------------------------
+
+@kopf.daemon(GROUP, VERSION, CHECKPOINTS, id="checkpoint", cancellation_timeout=30, registry=REGISTRY)
+async def checkpoint(*, body: kopf.Body, uid: str, memo: kopf.Memo, stopped: kopf.DaemonStopped, **_: Any) -> None:
+    """One per PodCheckpoint: a checkpoint every spec.schedule (restarted by kopf on spec changes)."""
+    async with _lock(memo, uid):
+        if stopped.is_set():
+            return
+        await Checkpointing(memo["services"], dict(body)).run(_KopfStop(stopped))
+
+
+@kopf.on.delete(GROUP, VERSION, CHECKPOINTS, id="remove-checkpoints", registry=REGISTRY)
+async def checkpoint_deleted(*, body: kopf.Body, uid: str, namespace: str, name: str, memo: kopf.Memo,
+                             retry: int, logger: kopf.Logger, **_: Any) -> None:
+    """The images go with the PodCheckpoint; an agent that cannot be reached is tried a few
+    times, then the PodCheckpoint goes anyway (a Warning Event says what was left)."""
+    services: Services = memo["services"]
+    async with _lock(memo, uid):
+        fresh = await services.kube.get_checkpoint(namespace, name) or dict(body)
+        ckpt = Checkpointing(services, fresh)
+        try:
+            logger.info(await ckpt.deleted())
+        except AgentError as exc:
+            if retry < CHECKPOINT_DELETE_TRIES - 1:
+                raise kopf.TemporaryError(f"cannot remove the checkpoints yet: {exc}", delay=5)
+            await services.kube.post_event(ckpt.ref, "Warning", "CheckpointsLeft",
+                                           f"could not remove the checkpoints on {ckpt.status.get('node')}: {exc}")
     memo["locks"].pop(uid, None)

@@ -166,6 +166,8 @@ def test_the_operator_may_do_its_work_and_no_more(cluster, kubectl):
     asked = {key: can(kubectl, OPERATOR_SA, *key) for key in {**allowed, **denied}}
     assert asked == {**allowed, **denied}
     assert can(kubectl, OPERATOR_SA, "patch", "podmigrations.memsnap.io", subresource="status")
+    assert can(kubectl, OPERATOR_SA, "patch", "pods", subresource="status")
+    assert not can(kubectl, OPERATOR_SA, "update", "pods", subresource="status")
     assert not can(kubectl, OPERATOR_SA, "create", "pods", subresource="exec")
     assert not can(kubectl, OPERATOR_SA, "get", "secrets", namespace=NS)
 

@@ -63,21 +63,53 @@ def crds(kubectl: Kubectl) -> Iterator[None]:
         kubectl("delete", "-f", str(CRDS), "--ignore-not-found", "--wait=true", timeout=120)
 
 
+def chart_operators(kubectl: Kubectl) -> list[tuple[str, str, int]]:
+    """(namespace, name, replicas) of the operator Deployments the chart installed."""
+    found = kubectl.json("get", "deployments", "--all-namespaces", "-l", "app.kubernetes.io/component=operator")
+    return [(d["metadata"]["namespace"], d["metadata"]["name"], d["spec"].get("replicas", 1)) for d in found["items"]]
+
+
+def scale_chart_operator(kubectl: Kubectl, namespace: str, name: str, replicas: int) -> None:
+    """Scale and wait: to 0 until its pods are gone, to 1 until its pod is ready."""
+    kubectl("scale", "deployment", name, "-n", namespace, f"--replicas={replicas}")
+
+    def settled() -> bool | None:
+        pods = [p for p in kubectl.json("get", "pods", "-n", namespace, "-l",
+                                        "app.kubernetes.io/component=operator")["items"]]
+        ready = [p for p in pods if not p["metadata"].get("deletionTimestamp")
+                 and all(c["ready"] for c in p["status"].get("containerStatuses") or [{"ready": False}])]
+        return (len(pods) == 0) if replicas == 0 else (len(ready) == replicas) or None
+    kubectl.wait_for(settled, f"the chart's operator {namespace}/{name} at {replicas} replicas", timeout=120)
+
+
 @pytest.fixture(scope="session")
 def no_chart_operator(kubectl: Kubectl) -> Iterator[None]:
     """The tests run their own operator (flags, kill, restart); one installed by the chart would
     act on the same PodMigrations, so it is scaled to 0 meanwhile and back afterwards."""
-    found = kubectl.json("get", "deployments", "--all-namespaces", "-l", "app.kubernetes.io/component=operator")
-    scaled = [(d["metadata"]["namespace"], d["metadata"]["name"], d["spec"].get("replicas", 1))
-              for d in found["items"] if d["spec"].get("replicas", 1)]
+    scaled = [d for d in chart_operators(kubectl) if d[2]]
     for namespace, name, _ in scaled:
-        kubectl("scale", "deployment", name, "-n", namespace, "--replicas=0")
-    for namespace, name, _ in scaled:
-        kubectl.wait_for(lambda: not kubectl.json("get", "deployment", name, "-n", namespace)["status"].get("replicas"),
-                         f"the chart's operator {namespace}/{name} to stop")
+        scale_chart_operator(kubectl, namespace, name, 0)
     yield
     for namespace, name, replicas in scaled:
         kubectl("scale", "deployment", name, "-n", namespace, f"--replicas={replicas}")
+
+
+@pytest.fixture
+def chart_operator(kubectl: Kubectl, crds, runtime_class, no_chart_operator) -> Iterator[Callable[[], str]]:
+    """The operator Deployment the chart installed, scaled to one for the test (in-cluster config,
+    its client certificate from its init container, the image's code); yields a reader of its log."""
+    if not chart_operators(kubectl):
+        pytest.skip("the cluster has no operator installed by the chart")
+    namespace, name, _ = chart_operators(kubectl)[0]
+    scale_chart_operator(kubectl, namespace, name, 1)
+
+    def log() -> str:
+        return kubectl("logs", "-n", namespace, f"deployment/{name}", "--tail=200", check=False).stdout
+    try:
+        yield log
+    finally:
+        print(f"--- the chart's operator ---\n{log()}")
+        scale_chart_operator(kubectl, namespace, name, 0)
 
 
 @pytest.fixture(scope="session")

@@ -61,13 +61,71 @@ def test_taints_need_tolerations():
     assert placement.why_not(pod(), node("node-2", taints=[soft])) is None
 
 
+def other(name: str, on: str, labels=None, namespace: str = "shop", **spec) -> dict:
+    return {"metadata": {"name": name, "namespace": namespace, "uid": f"u-{name}", "labels": labels or {}},
+            "spec": {"nodeName": on, "containers": [{"name": "c", "image": "x"}], **spec}}
+
+
+def cluster(nodes: list[dict], pods: list[dict]) -> placement.Cluster:
+    return placement.Cluster(nodes={n["metadata"]["name"]: n for n in nodes}, pods=pods)
+
+
 def test_choice_takes_the_least_busy_fitting_node_and_says_why_not_the_others():
     nodes = [node("node-1"), node("node-2"), node("node-3"), node("node-4", ready=False)]
-    chosen, refused = placement.choose(pod(), nodes, {"node-2": 5, "node-3": 1})
+    busy = [other(f"b{i}", "node-2") for i in range(5)] + [other("c", "node-3")]
+    chosen, refused = placement.choose(pod(), cluster(nodes, busy))
     assert chosen["metadata"]["name"] == "node-3"
     assert refused == {"node-1": "node-1 is the pod's own node", "node-4": "node-4 is not Ready"}
-    assert placement.choose(pod(), [node("node-1")], {}) == (None, {"node-1": "node-1 is the pod's own node"})
+    assert placement.choose(pod(), cluster([node("node-1")], [])) == (None, {"node-1": "node-1 is the pod's own node"})
     assert placement.internal_ip(nodes[1]) == "198.18.0.12"
+
+
+def test_resource_requests_must_fit_what_the_node_has_left():
+    big = node("node-2")
+    big["status"]["allocatable"] = {"cpu": "2", "memory": "4Gi", "pods": "3"}
+    wants = pod(containers=[{"name": "a", "image": "x", "resources": {"requests": {"cpu": "500m", "memory": "1Gi"}}},
+                            {"name": "b", "image": "x", "resources": {"requests": {"memory": "512Mi"}}}],
+                initContainers=[{"name": "i", "image": "x", "resources": {"requests": {"memory": "64Gi"}}}])
+    assert placement.requests(wants) == {"cpu": 0.5, "memory": 1.5 * 2**30}  # init containers do not run again
+    there = [other("db", "node-2", containers=[{"name": "c", "image": "x",
+                                                "resources": {"requests": {"cpu": "1", "memory": "3Gi"}}}])]
+    assert placement.why_not(wants, big, cluster([big], there)) == \
+        "node-2 has 1024 MiB memory left for requests, the pod requests 1536 MiB"
+    there[0]["spec"]["containers"][0]["resources"]["requests"]["memory"] = "2Gi"
+    assert placement.why_not(wants, big, cluster([big], there)) is None
+    there[0]["spec"]["containers"][0]["resources"]["requests"]["cpu"] = "1800m"
+    assert placement.why_not(wants, big, cluster([big], there)) == \
+        "node-2 has 0.2 cores cpu left for requests, the pod requests 0.5 cores"
+    full = there + [other("x", "node-2"), other("y", "node-2")]
+    assert placement.why_not(pod(), big, cluster([big], full)) == "node-2 runs 3 pods, its limit"
+    # The pod's own entry (on its source node) never counts against a target.
+    assert placement.why_not(wants, big, cluster([big], [wants])) is None
+
+
+def test_required_pod_affinity_and_anti_affinity_both_ways():
+    nodes = [node("node-1", {"zone": "a"}), node("node-2", {"zone": "a"}), node("node-3", {"zone": "b"})]
+    web = {"labelSelector": {"matchLabels": {"app": "web"}}, "topologyKey": "kubernetes.io/hostname"}
+    spread = pod(affinity={"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [web]}})
+    replica = other("web-1", "node-2", {"app": "web"})
+    c = cluster(nodes, [spread, replica])
+    assert placement.why_not(spread, nodes[1], c) == \
+        "node-2 shares its kubernetes.io/hostname with pod web-1, which the pod's required anti-affinity excludes"
+    assert placement.why_not(spread, nodes[2], c) is None
+    assert placement.why_not(spread, nodes[1], cluster(nodes, [spread, other("web-1", "node-2", {"app": "web"},
+                                                                             namespace="other")])) is None
+    # A pod already there whose own anti-affinity excludes the moving pod's labels.
+    loner = other("loner", "node-3", {"app": "db"}, affinity={"podAntiAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [{"labelSelector": {"matchExpressions": [
+            {"key": "app", "operator": "In", "values": ["web"]}]}, "topologyKey": "zone"}]}})
+    assert placement.why_not(pod(), nodes[2], cluster(nodes, [loner])) == \
+        "node-3 shares its zone with pod loner, whose required anti-affinity excludes the pod"
+    # Affinity: next to a cache, in the same zone.
+    near = pod(affinity={"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+        {"labelSelector": {"matchLabels": {"app": "cache"}}, "topologyKey": "zone"}]}})
+    cache = other("cache", "node-1", {"app": "cache"})
+    assert placement.why_not(near, nodes[1], cluster(nodes, [cache])) is None
+    assert placement.why_not(near, nodes[2], cluster(nodes, [cache])) == \
+        "node-3 has no pod matching the pod's required pod affinity in its zone"
 
 
 def test_target_pod_is_pinned_restored_and_not_counted_by_the_replicaset_until_handover():

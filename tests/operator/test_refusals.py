@@ -18,7 +18,15 @@ def test_bad_requests_fail_with_the_reason_and_touch_nothing(kubectl, operator, 
     resources(busybox_pod("hostnet", "node-1", SLEEPER, hostNetwork=True))
     resources(busybox_pod("hostpath", "node-1", SLEEPER,
                           volumes=[{"name": "logs", "hostPath": {"path": "/var/log"}}]))
-    pods = {name: kubectl.pod_running(name) for name in ("plain", "hostnet", "hostpath")}
+    # Placement on the real objects: a neighbour the pod's anti-affinity excludes, and no room for
+    # its cpu request next to a hog (each local node offers the host's cores).
+    resources(busybox_pod("neighbour", "node-2", SLEEPER))
+    resources(busybox_pod("lonely", "node-1", SLEEPER, affinity={"podAntiAffinity": {
+        "requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": {"matchLabels": {"app": "neighbour"}}, "topologyKey": "kubernetes.io/hostname"}]}}))
+    resources(requesting(busybox_pod("hog", "node-2", SLEEPER), cpu="1"))
+    resources(requesting(busybox_pod("hungry", "node-1", SLEEPER), cpu="1500m"))
+    pods = {name: kubectl.pod_running(name) for name in ("plain", "hostnet", "hostpath", "lonely", "hungry")}
     op = operator()
     cases = {  # PodMigration -> (pod, spec, the reason it must give)
         "ghost": ("ghost", {}, "pod default/ghost does not exist"),
@@ -26,6 +34,9 @@ def test_bad_requests_fail_with_the_reason_and_touch_nothing(kubectl, operator, 
         "no-such-node": ("plain", {"targetNode": "node-9"}, "node node-9 does not exist"),
         "hostnet": ("hostnet", {"targetNode": "node-2"}, "pod hostnet uses hostNetwork"),
         "hostpath": ("hostpath", {}, "pod hostpath mounts the hostPath volume logs (/var/log)"),
+        "lonely": ("lonely", {"targetNode": "node-2"}, "cannot migrate to node-2: node-2 shares its "
+                   "kubernetes.io/hostname with pod neighbour, which the pod's required anti-affinity excludes"),
+        "hungry": ("hungry", {"targetNode": "node-2"}, "cpu left for requests, the pod requests 1.5 cores"),
     }
     for name, (pod, spec, _) in cases.items():
         resources(podmigration(name, pod, **spec))
@@ -42,6 +53,11 @@ def test_bad_requests_fail_with_the_reason_and_touch_nothing(kubectl, operator, 
         assert now["metadata"]["resourceVersion"] == before["metadata"]["resourceVersion"], name
     assert target_pods(kubectl) == []
     assert op.metric("memsnap_operator_migrations_total", phase="Failed") == len(cases)
+
+
+def requesting(pod: dict, **requests: str) -> dict:
+    pod["spec"]["containers"][0]["resources"] = {"requests": requests}
+    return pod
 
 
 def test_one_migration_per_pod(kubectl, operator, resources, runtime_class):

@@ -3,6 +3,7 @@ the target pod (RuntimeClass memsnap, annotation memsnap.io/restore-from) gets t
 container from memsnap-runc; kubectl and the agents' API only (no operator)."""
 from __future__ import annotations
 
+import subprocess
 import time
 
 import pytest
@@ -85,6 +86,8 @@ def test_pod_moves_to_another_node_with_its_memory(kubectl, counter_image, runti
                          _scratch(SOURCE, pod["metadata"]["uid"]), note], check=True)
     done, before = _move(kubectl, agent_api, pods, pod, lambda name: lines(kubectl, name)[-1])
     assert done["downtimeMs"] > 0 and done["sourceNode"] == SOURCE and done["targetNode"] == TARGET
+    # The container ran before its pre-copied memory was read: the restore left it to the fill.
+    assert done["lazyBytes"] >= 32 << 20 and done["fillSeconds"] is not None, done
 
     moved = kubectl.pod_running("pm-move-2")
     assert moved["spec"]["nodeName"] == TARGET and _restarts(kubectl, "pm-move-2") == 0
@@ -99,7 +102,7 @@ def test_pod_moves_to_another_node_with_its_memory(kubectl, counter_image, runti
     kubectl.wait_for(lambda: not [p for p in runtime.list_nodes() if p.name == SOURCE] or
                      _no_counter_on(SOURCE), "the source's processes to be gone", timeout=60)
     print(f"pause felt by the workload: {after.maxgap_ms} ms; agent's downtime {done['downtimeMs']} ms; {done['finalImages']}; "
-          f"phases {done.get('pausePhases')}")
+          f"phases {done.get('pausePhases')}; filled {done['lazyBytes'] >> 20} MiB in {done['fillSeconds']} s")
 
 
 def _no_counter_on(node: str) -> bool:
@@ -123,6 +126,78 @@ def test_a_failed_restore_rolls_back(kubectl, counter_image, runtime_class, agen
     assert st["phase"] == "RolledBack", st["message"]
     assert "counter" in st["message"] and "restor" in st["message"], st["message"]
     _assert_runs_on(kubectl, "pm-fail", first)
+    assert not _incoming_exists(mig_id)
+
+
+# On the target node: catch the agent's lazy-pages daemon for migration argv[1] as it starts,
+# slow it to a crawl (a cpu cgroup of its own: 2 ms per 250 ms; the restore still gets what it
+# needs from it, and the restored container then waits on its pre-copied pages), and kill it
+# once the wrapper has restored the container: the fill fails after the container ran.
+KILL_THE_FILL = r"""
+import os, signal, sys, time
+from memsnap import cgroupfs
+base = b"/var/lib/memsnap/incoming/" + sys.argv[1].encode()
+deadline, pid = time.monotonic() + 120, None
+while pid is None:
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if argv[0].endswith(b"criu") and b"lazy-pages" in argv and any(a.startswith(base) for a in argv):
+            pid = int(p)
+            break
+    if time.monotonic() > deadline:
+        sys.exit("no lazy-pages daemon came")
+mounts = cgroupfs.hierarchies()
+kind = "cpu" if "cpu" in mounts else "cgroup2"
+cg = mounts[kind] / cgroupfs.membership(pid)[kind].lstrip("/") / "memsnap-test-slow-fill"
+cg.mkdir()
+if kind == "cpu":
+    (cg / "cpu.cfs_period_us").write_text("250000")
+    (cg / "cpu.cfs_quota_us").write_text("2000")
+else:
+    (cg / "cpu.max").write_text("2000 250000")
+(cg / "cgroup.procs").write_text(str(pid))
+print("slowed", pid, flush=True)
+import glob
+while not glob.glob(base.decode() + "/*/.result.json"):
+    if time.monotonic() > deadline:
+        sys.exit("the container was not restored")
+    time.sleep(0.01)
+os.kill(pid, signal.SIGKILL)
+print("killed", pid, flush=True)
+for _ in range(50):
+    try:
+        cg.rmdir()
+        break
+    except OSError:
+        time.sleep(0.1)
+"""
+
+
+def test_a_failed_background_fill_rolls_back(kubectl, counter_image, runtime_class, agent_api, pods):
+    """The target's container runs before its memory is in; if the fill then fails, the copy
+    there is killed (it would read zeros) and the pod runs on where it was, memory exact."""
+    pod, first = _start_source(kubectl, pods, "pm-fill")
+    mig_id = new_id()
+    killer = runtime.popen(TARGET, ["python3", "-c", KILL_THE_FILL, mig_id], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        status, started = _migrate(agent_api, pod, mig_id, "pm-fill-2")
+        assert status == 202, started
+        kubectl.apply(target_pod(kubectl.json("get", "pod", "pm-fill"), "pm-fill-2", TARGET, mig_id))
+        pods.append("pm-fill-2")
+        st = _wait_phase(kubectl, agent_api, mig_id, ("HandedOver", "RolledBack", "Failed"))
+    finally:
+        try:
+            out, err = killer.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            killer.kill()
+            out, err = killer.communicate()
+    assert "killed" in out, (out, err, st)
+    assert st["phase"] == "RolledBack" and "background fill" in st["message"], st
+    _assert_runs_on(kubectl, "pm-fill", first)
     assert not _incoming_exists(mig_id)
 
 

@@ -22,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .. import __version__
 from .auth import MEMORY, OPEN, READ, Policy, add_routes, setup
 from ..migration import api as migration_api
+from ..podcheckpoint import api as checkpoint_api
 from .config import Config
 from .metrics import make_registry
 from .pods import PodDirectory
@@ -66,8 +67,10 @@ def make_app(cfg: Config) -> web.Application:
                      web.get("/api/v1/status", api_status)], kind=READ)
     if cfg.tls is not None:  # moving memory needs mutual TLS: no migrations without it
         worker = app[STATE].worker  # the pool's own thread: lending never overlaps a cycle
-        migration_api.setup(app, cfg.tls, lambda pids, lend: asyncio.get_running_loop().run_in_executor(
-            worker, pool.lend if lend else pool.give_back, pids))
+        lend = lambda pids, lend: asyncio.get_running_loop().run_in_executor(  # noqa: E731
+            worker, pool.lend if lend else pool.give_back, pids)
+        migration_api.setup(app, cfg.tls, lend)
+        checkpoint_api.setup(app, cfg.tls, lend)
     app.cleanup_ctx.append(_background)
     return app
 

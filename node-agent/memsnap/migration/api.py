@@ -39,6 +39,7 @@ from ..agent import auth
 from .client import split_agent
 from .planner import Policy
 from . import podruntime, podsource, source
+from ..podcheckpoint import api as checkpoint_api
 from .source import MigrationError, Request, SourceMigration
 from .target import ID, Target, TargetError
 from .transfer import TransferError
@@ -236,6 +237,8 @@ async def _start_pod(request: web.Request, ctx: MigrationContext, body: dict) ->
     containers = await asyncio.to_thread(podruntime.app_containers, uid)
     if not containers:
         return _error(404, f"no pod {namespace}/{name} (uid {uid}) with running containers on {ctx.node}")
+    if not await checkpoint_api.release_pod(request.app, uid):  # its PodCheckpoint's trackers give way
+        return _error(409, f"pod {namespace}/{name} is being checkpointed on {ctx.node}: try again")
     problem = _refuse_target(ctx, to)
     if problem:
         return _error(*problem)

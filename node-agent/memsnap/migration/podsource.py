@@ -103,6 +103,8 @@ class PodMigration:
         self.memory = 0
         self.frozen_at = 0.0
         self.final_how: dict[str, str] = {}  # container -> how its final image was made
+        self.lazy_bytes = 0  # what the target's restore left to its background fill
+        self.fill_seconds: float | None = None
 
     def status(self) -> dict:
         return {"id": self.req.id, "phase": self.phase, "iterations": self.iterations,
@@ -112,7 +114,7 @@ class PodMigration:
                 "message": self.message, "sourceNode": self.node, "targetNode": self.req.target,
                 "pod": {"namespace": self.req.namespace, "name": self.req.name, "uid": self.req.uid},
                 "containers": [c.name for c in self.containers], "pausePhases": self.pause_phases,
-                "finalImages": self.final_how}
+                "finalImages": self.final_how, "lazyBytes": self.lazy_bytes, "fillSeconds": self.fill_seconds}
 
     # -- the whole run --------------------------------------------------------------------
 
@@ -319,6 +321,7 @@ class PodMigration:
             await asyncio.sleep(POLL)
         running = time.monotonic()
         self.downtime_ms = _ms(running - self.frozen_at)
+        self.lazy_bytes = int(state.get("lazy_bytes") or 0)
         self.pause_phases["restore (target)"] = max(
             (float(r.get("restore_ms", 0)) for r in state.get("results", {}).values()), default=0.0)
         self.pause_phases["until running"] = _ms(running - t)
@@ -326,21 +329,29 @@ class PodMigration:
     # -- hand-over and rollback ------------------------------------------------------------
 
     async def _commit(self) -> None:
-        """The target keeps the pod. If the answer is lost, ask again until the target says:
-        committed (410 for a repeat: it was), or gone (404: its lease dropped it, roll back)."""
-        deadline = time.monotonic() + COMMIT_WAIT
+        """The target keeps the pod once its background fill is in: it answers "filling" (with its
+        progress) within seconds meanwhile, and is asked again. If an answer is lost, ask again
+        until the target says: committed (410 for a repeat: it was), or failed, or gone (404: its
+        lease dropped it): then roll back."""
+        heard = time.monotonic()
         while True:
             try:
-                await _call(self.session, "POST", f"{self.req.base_url}/commit", {})
-                return
+                answer = await _call(self.session, "POST", f"{self.req.base_url}/commit", {})
             except MigrationError as exc:
                 if "answered 410" in str(exc):
                     return
                 raise
             except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                if time.monotonic() > deadline:
+                if time.monotonic() - heard > COMMIT_WAIT:
                     raise MigrationError(f"could not commit the hand-over to {self.req.target}: {exc}") from None
                 await asyncio.sleep(1.0)
+                continue
+            heard = time.monotonic()
+            if answer.get("state") != "filling":
+                self.fill_seconds = answer.get("fill_seconds")
+                return
+            self.message = (f"the target fills the pod's memory in: {answer.get('filled_bytes', 0) >> 20} of "
+                            f"{answer.get('lazy_bytes', 0) >> 20} MiB in {answer.get('fill_seconds', 0)} s")
 
     def _record(self) -> None:
         """What recover() needs if this agent dies mid-migration: whose tracking to release,

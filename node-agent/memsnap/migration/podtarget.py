@@ -4,6 +4,10 @@ shim when kubelet creates the target pod's container, restores them and writes i
 beside them (node-agent/memsnap/runtime/memsnap-runc).
 
     incoming/<id>/<container>/              runc's checkpoint images (+ memsnap-layer.json)
+    incoming/<id>/<container>/.lazy         written here: this agent serves the pre-copied pages
+                                            (criu lazy-pages, its socket in that directory): the
+                                            wrapper restores with --lazy-pages, that directory its
+                                            work path
     incoming/<id>/<container>/.ready        written here: the wrapper may restore
     incoming/<id>/<container>/.result.json  written by the wrapper: {"ok", "pid", "restore_ms"} or
                                             {"ok": false, "error"} (runc's and CRIU's last words)
@@ -18,7 +22,7 @@ import signal
 from .. import procfs
 
 CONTAINER = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")  # a pod spec's container name
-READY, RESULT = ".ready", ".result.json"
+READY, RESULT, LAZY = ".ready", ".result.json", ".lazy"
 
 
 def layer_ok(containers: list[str], layer: str) -> bool:
@@ -28,7 +32,14 @@ def layer_ok(containers: list[str], layer: str) -> bool:
 
 
 def mark_ready(inc, layer: str) -> None:
-    path = inc.dir / layer / READY
+    _mark(inc.dir / layer / READY)
+
+
+def mark_lazy(inc, layer: str) -> None:
+    _mark(inc.dir / layer / LAZY)
+
+
+def _mark(path) -> None:
     path.write_text("")
     os.chmod(path, 0o600)
 

@@ -167,13 +167,51 @@ class Fill:
         self.proc.wait()
 
 
+@dataclass
+class PodFills:
+    """The fills of a pod's containers (one lazy-pages daemon each), as one Fill."""
+    parts: dict[str, Fill] = field(default_factory=dict)  # container -> its fill
+
+    def restored(self, inc: Incoming) -> None:
+        """The wrapper restored every container: each fill's clock, size and tree start now."""
+        for name, fill in self.parts.items():
+            fill.began, fill.lazy_pages = time.monotonic(), criu.restored_lazy_pages(inc.dir / name)
+            fill.watch(int((inc.pids or {}).get(name, [0])[0]))
+
+    @property
+    def took(self) -> float | None:
+        took = [f.took for f in self.parts.values()]
+        return None if None in took else max(took, default=0.0)
+
+    @property
+    def failed(self) -> str:
+        return next((f"container {n}: {f.failed}" for n, f in self.parts.items() if f.failed), "")
+
+    def poll(self) -> bool:
+        return all([f.poll() for f in self.parts.values()])  # a list: poll each
+
+    def wait(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        return all(f.wait(max(0.0, deadline - time.monotonic())) for f in self.parts.values())
+
+    def progress(self) -> dict:
+        each = [f.progress() for f in self.parts.values()]
+        return {"filled_bytes": sum(p["filled_bytes"] for p in each), "lazy_bytes": sum(p["lazy_bytes"] for p in each),
+                "fill_seconds": max((p["fill_seconds"] for p in each), default=0.0),
+                "bound_seconds": max((p["bound_seconds"] for p in each), default=0.0)}
+
+    def stop(self) -> None:
+        for fill in self.parts.values():
+            fill.stop()
+
+
 class Target:
     """Every incoming migration of this node's agent."""
 
     def __init__(self, root: Path = INCOMING):
         self.root = root
         self.active: dict[str, Incoming] = {}
-        self.fills: dict[str, Fill] = {}  # lazy restores still filling or not yet committed
+        self.fills: dict[str, Fill | PodFills] = {}  # lazy restores still filling or not yet committed
         self.committed_pods: dict[str, str] = {}  # pod migration id -> source, once committed
         self.lock = threading.Lock()  # commits, the lease keeper and aborts settle one at a time
 
@@ -288,6 +326,8 @@ class Target:
         if layer not in inc.layers:
             raise TargetError(f"layer {layer} was not received", 409)
         if inc.pod:
+            if lazy_restore_enabled():
+                self._serve_lazily(inc, layer)
             podtarget.mark_ready(inc, layer)
             inc.state = "restoring"
             self._save(inc)
@@ -313,6 +353,20 @@ class Target:
         return {"pid": pid, "restore_seconds": round(restored_at - began, 6), "restore_phases": phases,
                 "confirm_seconds": round(time.monotonic() - restored_at, 6),
                 "lazy": fill is not None, "lazy_pages": fill.lazy_pages if fill else 0}
+
+    def _serve_lazily(self, inc: Incoming, layer: str) -> None:
+        """A pod's container is restored by memsnap-runc, reading only the last delta when this
+        node serves the rest: `criu lazy-pages` in the images' directory (its socket where the
+        restoring CRIU looks: the wrapper makes that directory runc's work path), which then fills
+        the pre-copied pages in the background, watched as a process's fill is."""
+        directory = inc.dir / layer
+        try:
+            proc, log_path = start_fill(directory)
+        except (criu.CriuError, OSError) as exc:
+            raise TargetError(f"cannot serve container {layer}'s memory on this node: {exc}", 500) from None
+        group = self.fills.setdefault(inc.id, PodFills())
+        group.parts[layer] = Fill(proc, log_path, time.monotonic(), 0)
+        podtarget.mark_lazy(inc, layer)
 
     def commit(self, inc: Incoming, wait: float = COMMIT_ANSWER) -> dict:
         """The source has handed over: once the background fill is in, the workload is ours and
@@ -389,10 +443,14 @@ class Target:
         if inc.pod:
             before = inc.state
             podtarget.poll(inc)
+            fill = self.fills.get(inc.id)
             if inc.state != before:
+                if inc.state == "restored" and isinstance(fill, PodFills):
+                    fill.restored(inc)
                 self._save(inc)
             return {"id": inc.id, "state": inc.state, "layers": inc.layers, "message": inc.message,
-                    "results": inc.results, "pids": inc.pids}
+                    "results": inc.results, "pids": inc.pids,
+                    **(fill.progress() if fill is not None and inc.state == "restored" else {})}
         fill = self.fills.get(inc.id)
         return {"id": inc.id, "state": inc.state, "layers": inc.layers, "pid": inc.pid,
                 **({"message": inc.message} if inc.message else {}),
@@ -485,23 +543,28 @@ def _received_chain(layer: Path) -> Path:
     return chain_restore.verify(layer, thorough=False)[0].dir
 
 
-def _restore_lazy(newest: Path, pidfile: Path, work: Path, preexec, phases: dict[str, float]) -> tuple[int, Fill]:
+def start_fill(newest: Path, log_path: Path | None = None,
+               phases: dict[str, float] | None = None) -> tuple[subprocess.Popen, Path]:
+    """The lazy-pages daemon serving the chain ending at newest, its in-parent pages (the
+    pre-copied memory) made lazy too, so that a restore reads only the delta. phases gets
+    how long each step took."""
     t = time.monotonic()
-
-    def mark(name: str) -> None:
-        nonlocal t
-        now = time.monotonic()
-        phases[name], t = round(now - t, 6), now
-
-    # The in-parent pages (the pre-copied memory) become lazy too: restore reads only the delta.
     lazy.mark_parent_pages_lazy(newest)
-    mark("lazy marks")
-    log_path = newest.parent / "lazy-pages.log"  # beside the chain: goes with it
+    marked = time.monotonic()
+    log_path = log_path or newest / "lazy-pages.log"
     proc = criu.start_lazy_pages(newest, log_path)
-    mark("daemon start")
+    if phases is not None:
+        phases["lazy marks"] = round(marked - t, 6)
+        phases["daemon start"] = round(time.monotonic() - marked, 6)
+    return proc, log_path
+
+
+def _restore_lazy(newest: Path, pidfile: Path, work: Path, preexec, phases: dict[str, float]) -> tuple[int, Fill]:
+    proc, log_path = start_fill(newest, newest.parent / "lazy-pages.log", phases)  # beside the chain: goes with it
+    t = time.monotonic()
     try:
         criu.restore_lazy(newest, pidfile, work, preexec_fn=preexec)
-        mark("criu restore")
+        phases["criu restore"] = round(time.monotonic() - t, 6)
     except BaseException:
         proc.kill()
         proc.wait()

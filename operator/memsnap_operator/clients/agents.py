@@ -13,6 +13,8 @@ from memsnap.agent.client import PORT, AgentClient, AgentError
 __all__ = ["AgentError", "Agents", "PORT"]
 
 BASE = "/api/v1/migrations"
+CHECKPOINTS = "/api/v1/checkpoints"
+CHECKPOINT_TIMEOUT = 600.0  # s: one checkpoint of a large pod (the first dumps all its memory)
 
 
 class Agents:
@@ -20,13 +22,13 @@ class Agents:
 
     def __init__(self, files: pki.TlsFiles, port: int = PORT, timeout: float = 10.0):
         self.files, self.port, self.timeout = files, port, timeout
-        self._clients: dict[tuple[str, str], AgentClient] = {}
+        self._clients: dict[tuple[str, str, float], AgentClient] = {}
 
-    def _client(self, node: str, address: str) -> AgentClient:
-        key = (node, address)
+    def _client(self, node: str, address: str, timeout: float | None = None) -> AgentClient:
+        key = (node, address, timeout or self.timeout)
         if key not in self._clients:
             self._clients[key] = AgentClient(node, self.port, files=self.files, address=address,
-                                             timeout=self.timeout)
+                                             timeout=timeout or self.timeout)
         return self._clients[key]
 
     async def start(self, node: str, address: str, request: dict[str, Any]) -> dict:
@@ -50,6 +52,25 @@ class Agents:
             if exc.status == 404:
                 return False
             raise
+
+    # ---- PodCheckpoints (the pod's node) ----------------------------------------------------
+
+    async def checkpoint(self, node: str, address: str, request: dict[str, Any]) -> dict:
+        """One checkpoint of the pod, pruned to retention: {"name", "time", "size", "layers"}."""
+        return await self._client(node, address, CHECKPOINT_TIMEOUT).call_json("POST", CHECKPOINTS, json=request)
+
+    async def checkpoints(self, node: str, address: str, checkpoint_id: str) -> list[dict]:
+        return (await self._client(node, address).get_json(f"{CHECKPOINTS}/{checkpoint_id}"))["checkpoints"]
+
+    async def delete_checkpoints(self, node: str, address: str, checkpoint_id: str) -> bool:
+        """Tracking ended and every image removed; False when there were none."""
+        return bool((await self._client(node, address, 120.0).call_json(
+            "DELETE", f"{CHECKPOINTS}/{checkpoint_id}")).get("removed"))
+
+    async def restore_checkpoint(self, node: str, address: str, checkpoint_id: str, as_id: str) -> dict:
+        """The newest checkpoint staged on node for a pod annotated memsnap.io/restore-from=as_id."""
+        return await self._client(node, address, CHECKPOINT_TIMEOUT).call_json(
+            "POST", f"{CHECKPOINTS}/{checkpoint_id}/restore", json={"as": as_id})
 
     async def close(self) -> None:
         for client in self._clients.values():

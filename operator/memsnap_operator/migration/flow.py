@@ -6,8 +6,8 @@ and any failure rolls back: the source runs on, the target pod goes, the pod is 
     Scheduling  create the target pod, wait for its sandbox (PreparingTarget -> TargetReady),
                 start the migration on the source node's agent
     PreCopying, Finalizing, Restoring   follow the agent
-    hand-over   the agent says HandedOver: delete the source pod, the target takes its owners,
-                the agent ends the frozen source copy -> Succeeded
+    hand-over   the agent says HandedOver: the target takes the source pod's owners, the source
+                pod is deleted, the agent ends the frozen source copy -> Succeeded
 """
 from __future__ import annotations
 
@@ -232,11 +232,10 @@ class Migration:
         target = await self.kube.get_pod(self.ref.namespace, name)
         if not target_pod.is_target_of(target, self.ref):
             raise Failure(f"the target pod {name} is gone at the hand-over")
-        annotations = target["metadata"].get("annotations") or {}
-        await self.kube.delete_pod(self.ref.namespace, self.ref.pod_name, uid=annotations.get(SOURCE_UID),
-                                   grace_seconds=0)
-        if target_pod.OWNERS in annotations:
-            target = await self.kube.patch_pod(self.ref.namespace, name, target_pod.adopt_patch(target))
+        if target_pod.OWNERS in (target["metadata"].get("annotations") or {}):
+            target = await self._give_owners(target)
+        else:
+            await self._delete_source(target)
         address = await self._address(node)
         final = info
         for attempt in range(5):
@@ -259,6 +258,41 @@ class Migration:
         await self.rec.update(**fields, phase=SUCCEEDED, completionTime=now(), message=message)
         await self.rec.condition("TargetReady", True, "HandedOver", message)
         await self.rec.event("Normal", "SuccessfulMigration", message, pod=target)
+
+    async def _give_owners(self, target: dict) -> dict:
+        """The source's controller (a ReplicaSet) must never count no pod, or it starts a second
+        copy of the workload, nor two ready ones, or it deletes the newer: the target. It deletes a
+        not-ready surplus pod before a ready one, so: the target ready, the source marked not
+        ready, the target adopted, and only then the source deleted."""
+        name = target["metadata"]["name"]
+        ready = await self._wait_ready(name)
+        if ready is None:  # adopted now, the target would be the surplus: the source goes first
+            log.warning("%s/%s: %s is not ready; deleting the source before the adoption, its controller may "
+                        "start a replacement and delete it again", self.ref.namespace, self.ref.name, name)
+            await self._delete_source(target)
+            return await self.kube.patch_pod(self.ref.namespace, name, target_pod.adopt_patch(target))
+        source = await self.kube.get_pod(self.ref.namespace, self.ref.pod_name)
+        if _same_pod(source, target) and not source["metadata"].get("deletionTimestamp"):
+            await self.kube.set_pod_condition(self.ref.namespace, self.ref.pod_name, target_pod.moved_away(name))
+        adopted = await self.kube.patch_pod(self.ref.namespace, name, target_pod.adopt_patch(ready))
+        await self._delete_source(target)
+        return adopted
+
+    async def _wait_ready(self, name: str) -> dict | None:
+        """The target pod once its kubelet reports it Ready; None if it is not within the bound."""
+        deadline = time.monotonic() + self.config.target_ready_timeout
+        while time.monotonic() < deadline:
+            pod = await self.kube.get_pod(self.ref.namespace, name)
+            if not target_pod.is_target_of(pod, self.ref):
+                raise Failure(f"the target pod {name} is gone at the hand-over")
+            if target_pod.is_ready(pod):
+                return pod
+            await asyncio.sleep(0.2)
+        return None
+
+    async def _delete_source(self, target: dict) -> None:
+        uid = (target["metadata"].get("annotations") or {}).get(SOURCE_UID)
+        await self.kube.delete_pod(self.ref.namespace, self.ref.pod_name, uid=uid, grace_seconds=0)
 
     # ---- failures --------------------------------------------------------------------------
 
@@ -341,3 +375,8 @@ def _progress(info: dict) -> dict[str, Any]:
             continue
         out[field] = float(value) if field == "dirtyRate" else int(value)
     return out
+
+
+def _same_pod(source: dict | None, target: dict) -> bool:
+    """The pod of the source's name is the one the target replaces (not a newer one of that name)."""
+    return bool(source) and source["metadata"]["uid"] == (target["metadata"].get("annotations") or {}).get(SOURCE_UID)

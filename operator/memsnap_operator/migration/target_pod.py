@@ -6,10 +6,12 @@ target pod created with the source's labels *and* its controller reference would
 surplus, and deleted mid-migration. So until the hand-over the target's controller is the
 PodMigration (the ReplicaSet leaves pods controlled by someone else alone, and the garbage
 collector removes the target with its PodMigration); the source's owner references ride along
-in an annotation. At the hand-over the source pod is deleted first and the target then gets
-them back (adopt()). Between those two calls the ReplicaSet may see no pod and start a
-replacement; once it sees the target again it deletes that replacement itself (newer, not
-ready), so the count settles at the one migrated pod.
+in an annotation, and the target takes them at the hand-over (adopt_patch()). There the
+ReplicaSet must see neither no pod (it would start a replacement: a second copy of the workload)
+nor two ready ones (it would delete the newer, the target). It deletes a not-ready surplus pod
+first, so the flow marks the source not ready (moved_away()), then the target is adopted, then
+the source is deleted: at every step the ReplicaSet counts one pod, or two of which the source
+goes first.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any
 
 from ..constants import LOCK, MIGRATED_FROM, RESTORE_FROM, RUNTIME_CLASS
 from ..model import MigrationRef
+from .record import now
 
 OWNERS = "memsnap.io/owner-references"  # the source pod's ownerReferences, until adopt()
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
@@ -58,3 +61,15 @@ def adopt_patch(target: dict) -> dict[str, Any]:
     """Give the target the source's owner references (a merge patch replaces the list)."""
     owners = json.loads((target["metadata"].get("annotations") or {}).get(OWNERS) or "[]")
     return {"metadata": {"ownerReferences": owners or None, "annotations": {OWNERS: None}}}
+
+
+def is_ready(pod: dict) -> bool:
+    """Ready as a ReplicaSet judges it: the pod's Ready condition is True."""
+    conditions = (pod.get("status") or {}).get("conditions") or []
+    return any(c.get("type") == "Ready" and c.get("status") == "True" for c in conditions)
+
+
+def moved_away(target_name: str) -> dict[str, Any]:
+    """The source pod's Ready condition once its workload runs in the target pod."""
+    return {"type": "Ready", "status": "False", "reason": "MigratedAway", "lastTransitionTime": now(),
+            "message": f"the workload moved to pod {target_name}; this pod is frozen and about to be deleted"}

@@ -27,9 +27,8 @@ async def plan(kube: Kube, ref: MigrationRef) -> Plan:
     if pod is None:
         raise Refused(f"pod {ref.namespace}/{ref.pod_name} does not exist")
     check_pod(pod)
-    if ref.from_checkpoint:
-        raise Refused(f"spec.fromCheckpoint ({ref.from_checkpoint}): restoring from a PodCheckpoint is not "
-                      f"implemented yet")
+    if ref.from_checkpoint:  # handlers route these to checkpoint/restore.py: never a live migration
+        raise Refused(f"spec.fromCheckpoint ({ref.from_checkpoint}) is a restore, not a live migration")
     await check_not_held(kube, pod, ref)
     target = await _target(kube, pod, ref.target_node)
     await check_volumes(kube, pod, target)
@@ -61,21 +60,17 @@ async def check_not_held(kube: Kube, pod: dict, ref: MigrationRef) -> None:
 
 
 async def _target(kube: Kube, pod: dict, wanted: str | None) -> dict:
+    cluster = placement.Cluster(nodes={n["metadata"]["name"]: n for n in await kube.list_nodes()},
+                                pods=await kube.list_pods(field_selector="status.phase!=Succeeded,status.phase!=Failed"))
     if wanted:
-        node = await kube.get_node(wanted)
+        node = cluster.nodes.get(wanted)
         if node is None:
             raise Refused(f"node {wanted} does not exist")
-        reason = placement.why_not(pod, node)
+        reason = placement.why_not(pod, node, cluster)
         if reason:
             raise Refused(f"cannot migrate to {wanted}: {reason}")
         return node
-    nodes = await kube.list_nodes()
-    counts: dict[str, int] = {}
-    for p in await kube.list_pods(field_selector="status.phase!=Succeeded,status.phase!=Failed"):
-        node_name = p["spec"].get("nodeName")
-        if node_name:
-            counts[node_name] = counts.get(node_name, 0) + 1
-    node, refused = placement.choose(pod, nodes, counts)
+    node, refused = placement.choose(pod, cluster)
     if node is None:
         why = "; ".join(f"{n}: {r.removeprefix(n + ' ')}" for n, r in sorted(refused.items())) or "no nodes"
         raise Refused(f"no node fits pod {pod['metadata']['name']}: {why}")
