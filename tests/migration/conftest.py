@@ -109,3 +109,29 @@ def assert_nothing_on(node: str, t: Ticker) -> None:
             break
         time.sleep(1)
     assert not left, f"{node} still holds: {left}"
+
+
+# Python for a node, inside a script that has found the lazy-pages daemon `pid`: the daemon into
+# a cpu cgroup of its own, `quota` µs of CPU per 250 ms, so that its fill crawls; `cg` is that
+# cgroup, and UNCRAWL removes it once the daemon is gone.
+CRAWL = r"""
+from memsnap import cgroupfs
+mounts = cgroupfs.hierarchies()
+kind = "cpu" if "cpu" in mounts else "cgroup2"
+cg = mounts[kind] / cgroupfs.membership(pid)[kind].lstrip("/") / "memsnap-test-slow-fill"
+cg.mkdir()
+if kind == "cpu":
+    (cg / "cpu.cfs_period_us").write_text("250000")
+    (cg / "cpu.cfs_quota_us").write_text(str(quota))
+else:
+    (cg / "cpu.max").write_text(f"{quota} 250000")
+(cg / "cgroup.procs").write_text(str(pid))
+"""
+UNCRAWL = r"""
+for _ in range(50):
+    try:
+        cg.rmdir()
+        break
+    except OSError:
+        time.sleep(0.1)
+"""

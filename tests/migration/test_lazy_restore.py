@@ -8,7 +8,7 @@ import pytest
 
 from memsnap import nodes
 
-from .conftest import assert_nothing_on, assert_untouched, migrate, sh
+from .conftest import CRAWL, UNCRAWL, assert_nothing_on, assert_untouched, migrate, sh
 
 pytestmark = [pytest.mark.nodes, pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -90,19 +90,10 @@ SLOW_THE_FILL = FIND_THE_FILL + r"""
 # the baseline. Stopped only after the cgroup's set-up, it brought most of 128 MiB in first.
 os.kill(pid, signal.SIGSTOP)
 from pathlib import Path
-from memsnap import cgroupfs, containers
+from memsnap import containers
 name, quota, mib, seconds, kill_after = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
 began = time.monotonic()
-mounts = cgroupfs.hierarchies()
-kind = "cpu" if "cpu" in mounts else "cgroup2"
-cg = mounts[kind] / cgroupfs.membership(pid)[kind].lstrip("/") / "memsnap-test-slow-fill"
-cg.mkdir()
-if kind == "cpu":
-    (cg / "cpu.cfs_period_us").write_text("250000")
-    (cg / "cpu.cfs_quota_us").write_text(str(quota))
-else:
-    (cg / "cpu.max").write_text(f"{quota} 250000")
-(cg / "cgroup.procs").write_text(str(pid))
+""" + CRAWL + r"""
 print("slowed", pid, flush=True)
 
 def workload():  # not by its cmdline: reading that would wait for the fill
@@ -140,13 +131,7 @@ while os.path.exists(f"/proc/{pid}"):
         stopped = ahead
     time.sleep(0.02)
 print("lived", round(time.monotonic() - began, 1), flush=True)
-for _ in range(50):
-    try:
-        cg.rmdir()
-        break
-    except OSError:
-        time.sleep(0.1)
-"""
+""" + UNCRAWL
 
 
 def slow_fill(node: str, name: str, mib: int, seconds: float, kill_after: float = 0) -> subprocess.Popen:

@@ -16,7 +16,7 @@ from memsnap.nodes import runtime
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "operator"))  # opkit: no package (see its docstring)
 
 from opkit import counter_image, crds, no_chart_operator, operator, resources, runtime_class  # noqa: E402,F401
-from podmigration.conftest import Agents, agent_api, counter_pod, lines  # noqa: E402,F401
+from podmigration.conftest import Agents, agent_api, counter_pod, lines, pods  # noqa: E402,F401
 
 HERE = Path(__file__).resolve().parent
 BREAKABLE_IMAGE = "memsnap.local/breakable:1"
@@ -31,15 +31,6 @@ def breakable_image(cluster, tmp_path_factory) -> str:
     oci.write_docker_archive(d / "breakable.tar", BREAKABLE_IMAGE, {"breakable": binary}, entrypoint=["/breakable"])
     cluster.load(d / "breakable.tar")
     return BREAKABLE_IMAGE
-
-
-@pytest.fixture
-def pods(kubectl):
-    made: list[str] = []
-    yield made
-    if made:
-        kubectl("delete", "pod", *made, "--ignore-not-found", "--grace-period=0", "--force", check=False)
-        kubectl("wait", "--for=delete", "pod", *made, "--timeout=60s", check=False)
 
 
 def on_node(node: str, *argv: str) -> subprocess.CompletedProcess:

@@ -38,6 +38,21 @@ def _modes(cid: str) -> set[str]:
     return set(proc.stdout.split())
 
 
+def _restore_as_pod(kubectl, agent_api, pods, node: str, cid: str, newest: str, source: dict, name: str,
+                    before, after) -> None:
+    """The newest checkpoint staged on node and brought back as pod `name`: the counter's state at
+    that checkpoint (same token and data, a count between the lines around the checkpoint)."""
+    rid = str(uuid.uuid4())
+    status, staged = agent_api.call(node, "POST", f"/api/v1/checkpoints/{cid}/restore", {"as": rid})
+    assert status == 201 and staged["checkpoint"] == newest, staged
+    kubectl.apply(restored_pod(source, name, node, rid))
+    pods.append(name)
+    kubectl.pod_running(name)
+    first = kubectl.wait_for(lambda: lines(kubectl, name)[:1] or None, "the restored counter")[0]
+    assert (first.token, first.sum) == (before.token, before.sum), (before, first)
+    assert before.count < first.count <= after.count + 1, (before, first, after)
+
+
 def test_checkpoints_incremental_retained_and_restorable(kubectl, agent_api, counter_image, runtime_class, pods):
     kubectl.apply(counter_pod("ckpt-counter", NODE, mib=64))
     pods.append("ckpt-counter")
@@ -70,15 +85,8 @@ def test_checkpoints_incremental_retained_and_restorable(kubectl, agent_api, cou
         assert kubectl.json("get", "pod", "ckpt-counter")["status"]["containerStatuses"][0]["restartCount"] == 0
 
         # The newest checkpoint brought back as a new pod: the same process state as at that moment.
-        rid = str(uuid.uuid4())
-        status, staged = agent_api.call(NODE, "POST", f"/api/v1/checkpoints/{cid}/restore", {"as": rid})
-        assert status == 201 and staged["checkpoint"] == newest["name"], staged
-        kubectl.apply(restored_pod(kubectl.json("get", "pod", "ckpt-counter"), "ckpt-restored", NODE, rid))
-        pods.append("ckpt-restored")
-        kubectl.pod_running("ckpt-restored")
-        first = kubectl.wait_for(lambda: lines(kubectl, "ckpt-restored")[:1] or None, "the restored counter")[0]
-        assert (first.token, first.sum) == (before.token, before.sum), (before, first)
-        assert before.count < first.count <= after.count + 1, (before, first, after)
+        _restore_as_pod(kubectl, agent_api, pods, NODE, cid, newest["name"],
+                        kubectl.json("get", "pod", "ckpt-counter"), "ckpt-restored", before, after)
     finally:
         status, gone = agent_api.call(NODE, "DELETE", f"/api/v1/checkpoints/{cid}")
     assert status == 200 and gone["removed"], gone
@@ -152,15 +160,7 @@ def test_replica_on_a_peer_restores_after_the_node_died(kubectl, agent_api, coun
 
         cgroups.freeze(NODE)
         frozen = True
-        rid = str(uuid.uuid4())
-        status, staged = agent_api.call("node-2", "POST", f"/api/v1/checkpoints/{cid}/restore", {"as": rid})
-        assert status == 201 and staged["checkpoint"] == ck["name"], staged
-        kubectl.apply(restored_pod(pod, "ckpt-replicated-2", "node-2", rid))
-        pods.append("ckpt-replicated-2")
-        kubectl.pod_running("ckpt-replicated-2")
-        first = kubectl.wait_for(lambda: lines(kubectl, "ckpt-replicated-2")[:1] or None, "the restored counter")[0]
-        assert (first.token, first.sum) == (before.token, before.sum), (before, first)
-        assert before.count < first.count <= after.count + 1, (before, first, after)
+        _restore_as_pod(kubectl, agent_api, pods, "node-2", cid, ck["name"], pod, "ckpt-replicated-2", before, after)
     finally:
         if frozen:
             cgroups.thaw(NODE)

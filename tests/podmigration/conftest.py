@@ -90,3 +90,13 @@ class Agents:
 @pytest.fixture
 def agent_api() -> Agents:
     return Agents()
+
+
+@pytest.fixture
+def pods(kubectl):
+    """Names of pods a test made; deleted at its end, whatever happened."""
+    made: list[str] = []
+    yield made
+    if made:
+        kubectl("delete", "pod", *made, "--ignore-not-found", "--grace-period=0", "--force", check=False)
+        kubectl("wait", "--for=delete", "pod", *made, "--timeout=60s", check=False)

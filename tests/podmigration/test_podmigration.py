@@ -10,20 +10,13 @@ import pytest
 
 from memsnap.nodes import runtime
 
+from migration.conftest import CRAWL, UNCRAWL
+
 from .conftest import counter_pod, lines, new_id, target_pod
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 SOURCE, TARGET = "node-1", "node-2"
-
-
-@pytest.fixture
-def pods(kubectl):
-    made: list[str] = []
-    yield made
-    if made:
-        kubectl("delete", "pod", *made, "--ignore-not-found", "--grace-period=0", "--force", check=False)
-        kubectl("wait", "--for=delete", "pod", *made, "--timeout=60s", check=False)
 
 
 def _start_source(kubectl, pods, name: str, mib: int = 64) -> tuple[dict, object]:
@@ -134,10 +127,9 @@ def test_a_failed_restore_rolls_back(kubectl, counter_image, runtime_class, agen
 # needs from it, and the restored container then waits on its pre-copied pages), and kill it
 # once the wrapper has restored the container: the fill fails after the container ran.
 KILL_THE_FILL = r"""
-import os, signal, sys, time
-from memsnap import cgroupfs
+import glob, os, signal, sys, time
 base = b"/var/lib/memsnap/incoming/" + sys.argv[1].encode()
-deadline, pid = time.monotonic() + 120, None
+deadline, pid, quota = time.monotonic() + 120, None, 2000
 while pid is None:
     for p in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -149,31 +141,15 @@ while pid is None:
             break
     if time.monotonic() > deadline:
         sys.exit("no lazy-pages daemon came")
-mounts = cgroupfs.hierarchies()
-kind = "cpu" if "cpu" in mounts else "cgroup2"
-cg = mounts[kind] / cgroupfs.membership(pid)[kind].lstrip("/") / "memsnap-test-slow-fill"
-cg.mkdir()
-if kind == "cpu":
-    (cg / "cpu.cfs_period_us").write_text("250000")
-    (cg / "cpu.cfs_quota_us").write_text("2000")
-else:
-    (cg / "cpu.max").write_text("2000 250000")
-(cg / "cgroup.procs").write_text(str(pid))
+""" + CRAWL + r"""
 print("slowed", pid, flush=True)
-import glob
 while not glob.glob(base.decode() + "/*/.result.json"):
     if time.monotonic() > deadline:
         sys.exit("the container was not restored")
     time.sleep(0.01)
 os.kill(pid, signal.SIGKILL)
 print("killed", pid, flush=True)
-for _ in range(50):
-    try:
-        cg.rmdir()
-        break
-    except OSError:
-        time.sleep(0.1)
-"""
+""" + UNCRAWL
 
 
 def test_a_failed_background_fill_rolls_back(kubectl, counter_image, runtime_class, agent_api, pods):
