@@ -15,6 +15,14 @@ pytestmark = [pytest.mark.nodes, pytest.mark.slow, pytest.mark.timeout(600)]
 PAGE = 4096
 
 
+def assert_filled_exact(t, done: dict) -> None:
+    """The ticker runs on node-2 with every page as it was, and no fill daemon is left there."""
+    t.moved("node-2", done["target_pid"])
+    report = t.check()
+    assert report["ok"] and report["bad_pages"] == 0 and report["host"] == "node-2", report
+    assert not sh("node-2", "pgrep -f '[c]riu lazy-pages' || true").stdout.strip(), "the fill daemon stays"
+
+
 def test_restore_leaves_the_precopied_memory_to_the_background_fill(ticker):
     t = ticker("node-1", mib=64, rate=300)
     rc, events, err = migrate("node-1", t.pid, "node-2")
@@ -23,11 +31,7 @@ def test_restore_leaves_the_precopied_memory_to_the_background_fill(ticker):
     # CRIU's restore skipped these pages (its nr_lazy): the workload ran before they were read.
     assert done["lazy_pages"] >= 0.9 * (64 << 20) // PAGE, done
     assert done["fill_seconds"] > 0, done
-    t.moved("node-2", done["target_pid"])
-    report = t.check()
-    assert report["ok"] and report["bad_pages"] == 0 and report["host"] == "node-2", report
-    assert not sh("node-2", "pgrep -f '[c]riu lazy-pages' || true").stdout.strip(), "the fill daemon stays"
-
+    assert_filled_exact(t, done)
 
 
 def test_a_large_workload_writing_while_it_is_filled_in_moves_exact(ticker):
@@ -39,10 +43,7 @@ def test_a_large_workload_writing_while_it_is_filled_in_moves_exact(ticker):
     assert rc == 0, err
     done = events[-1]
     assert done["lazy_pages"] >= 0.9 * (4096 << 20) // PAGE, done
-    t.moved("node-2", done["target_pid"])
-    report = t.check()
-    assert report["ok"] and report["bad_pages"] == 0 and report["host"] == "node-2", report
-    assert not sh("node-2", "pgrep -f '[c]riu lazy-pages' || true").stdout.strip(), "the fill daemon stays"
+    assert_filled_exact(t, done)
 
 # On the target: find the lazy-pages daemon once the restore that needed it has returned.
 FIND_THE_FILL = r"""
@@ -169,10 +170,7 @@ def test_a_fill_longer_than_the_peer_silence_completes_with_progress(ticker):
     filled = [e["filled_bytes"] for e in fills]
     assert filled == sorted(filled) and filled[-1] > filled[0], filled
     assert all(e["lazy_bytes"] == done["lazy_pages"] * PAGE for e in fills), fills
-    t.moved("node-2", done["target_pid"])
-    report = t.check()
-    assert report["ok"] and report["bad_pages"] == 0 and report["host"] == "node-2", report
-    assert not sh("node-2", "pgrep -f '[c]riu lazy-pages' || true").stdout.strip(), "the fill daemon stays"
+    assert_filled_exact(t, done)
 
 
 def test_a_long_fill_that_fails_late_still_rolls_back(ticker):

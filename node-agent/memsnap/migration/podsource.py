@@ -43,7 +43,7 @@ from ..tracking.uffd_wp import UffdWp
 from . import podruntime, transfer
 from .planner import Planner, Policy, Round
 from .podruntime import PodContainer
-from .source import COMMIT_WAIT, OUTGOING, MigrationError, _call, _fixed_cost, _memory_bytes, _restore_source
+from .source import OUTGOING, MigrationError, _call, _fixed_cost, _memory_bytes, _restore_source, ask_commit
 
 log = logging.getLogger(__name__)
 
@@ -329,29 +329,12 @@ class PodMigration:
     # -- hand-over and rollback ------------------------------------------------------------
 
     async def _commit(self) -> None:
-        """The target keeps the pod once its background fill is in: it answers "filling" (with its
-        progress) within seconds meanwhile, and is asked again. If an answer is lost, ask again
-        until the target says: committed (410 for a repeat: it was), or failed, or gone (404: its
-        lease dropped it): then roll back."""
-        heard = time.monotonic()
-        while True:
-            try:
-                answer = await _call(self.session, "POST", f"{self.req.base_url}/commit", {})
-            except MigrationError as exc:
-                if "answered 410" in str(exc):
-                    return
-                raise
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                if time.monotonic() - heard > COMMIT_WAIT:
-                    raise MigrationError(f"could not commit the hand-over to {self.req.target}: {exc}") from None
-                await asyncio.sleep(1.0)
-                continue
-            heard = time.monotonic()
-            if answer.get("state") != "filling":
-                self.fill_seconds = answer.get("fill_seconds")
-                return
+        """The target keeps the pod once its background fill is in (ask_commit)."""
+        async def progress(answer: dict) -> None:
             self.message = (f"the target fills the pod's memory in: {answer.get('filled_bytes', 0) >> 20} of "
                             f"{answer.get('lazy_bytes', 0) >> 20} MiB in {answer.get('fill_seconds', 0)} s")
+        answer = await ask_commit(self.session, self.req.base_url, self.req.target, progress)
+        self.fill_seconds = answer.get("fill_seconds")
 
     def _record(self) -> None:
         """What recover() needs if this agent dies mid-migration: whose tracking to release,

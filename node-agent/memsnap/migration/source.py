@@ -199,28 +199,12 @@ class SourceMigration:
                 "restore_phases": {k: round(v * 1000, 1) for k, v in restored.get("restore_phases", {}).items()}}
 
     async def _commit(self, lazy_bytes: int) -> dict:
-        """Hand over, and ask until the target holds the workload for good: it answers within
-        seconds, "filling" while its background fill runs (each answer is a progress event
-        and keeps the link and the target's lease alive). The source copy is ended only after
-        "committed". A target silent for COMMIT_WAIT s (longer than its lease) has killed its
-        copy, as has a failed fill (an error answer): then roll back."""
-        limit = fill_bound(lazy_bytes) + COMMIT_WAIT  # the target gives up first
-        heard = time.monotonic()
-        give_up = heard + limit
-        while True:
-            try:
-                answer = await _call(self.session, "POST", f"{self.req.base_url}/commit", {})
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                if time.monotonic() - heard > COMMIT_WAIT:
-                    raise MigrationError(f"could not commit the hand-over to {self.req.target}: {exc}") from None
-                await asyncio.sleep(1.0)
-                continue
-            heard = time.monotonic()
-            if answer.get("state") == "committed":
-                return answer
+        """Hand over; each "filling" answer is a progress event. The source copy is ended only
+        after "committed"."""
+        async def progress(answer: dict) -> None:
             await self.emit({"event": "fill", **{k: v for k, v in answer.items() if k != "state"}})
-            if heard > give_up:
-                raise MigrationError(f"the background fill on {self.req.target} did not end in {limit:.0f} s")
+        return await ask_commit(self.session, self.req.base_url, self.req.target, progress,
+                                limit=fill_bound(lazy_bytes) + COMMIT_WAIT)  # the target gives up first
 
     async def _end_source(self) -> None:
         await self._blocking(_end_tree, self.root, self.starttime, self.container)
@@ -337,6 +321,36 @@ def _record_fixed_cost(phases: dict[str, float], restored: dict) -> None:
 
 
 # ---- talking to the target ---------------------------------------------------------------
+
+async def ask_commit(session: aiohttp.ClientSession, base_url: str, target: str,
+                     progress: Callable[[dict], Awaitable[None]], limit: float | None = None) -> dict:
+    """Ask the target to commit until it holds the workload for good. It answers within seconds:
+    "filling" (handed to progress) while its background fill runs, and is asked again, which
+    keeps the link and its lease alive; "committed"; 410 for a repeated commit of a pod whose
+    answer was lost (it was committed); or an error, raised: a failed fill, or 404 (its lease
+    dropped the migration). A target silent for COMMIT_WAIT s (longer than its lease), or still
+    filling after limit s, has killed its copy: raised too, and the caller rolls back."""
+    heard = time.monotonic()
+    give_up = None if limit is None else heard + limit
+    while True:
+        try:
+            answer = await _call(session, "POST", f"{base_url}/commit", {})
+        except MigrationError as exc:
+            if "answered 410" in str(exc):
+                return {"state": "committed"}
+            raise
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            if time.monotonic() - heard > COMMIT_WAIT:
+                raise MigrationError(f"could not commit the hand-over to {target}: {exc}") from None
+            await asyncio.sleep(1.0)
+            continue
+        heard = time.monotonic()
+        if answer.get("state") != "filling":
+            return answer
+        await progress(answer)
+        if give_up is not None and heard > give_up:
+            raise MigrationError(f"the background fill on {target} did not end in {limit:.0f} s")
+
 
 async def _call(session: aiohttp.ClientSession, method: str, url: str, body: dict | None) -> dict:
     kwargs = {"json": body} if body is not None else {}
