@@ -82,13 +82,15 @@ print("killed", pid)
 """
 
 # A slow fill on purpose, paced: the daemon in a cpu cgroup of its own (argv[2] µs of CPU per
-# 250 ms), and stopped whenever the restored workload (argv[1]) holds more of its argv[3] MiB
-# than a fill lasting argv[4] s would have brought in by then; killed after argv[5] s if that
-# is not 0. Prints how long the daemon lived.
+# 250 ms), and stopped whenever the restored workload (argv[1]) holds more resident memory than
+# a fill of argv[3] MiB lasting argv[4] s would have brought in by then (counted from zero, not
+# from what it held when first seen: whatever the daemon filled before the pacing began only
+# holds it back longer, so the fill never ends early); killed after argv[5] s if that is not 0.
+# Prints how long the daemon lived.
 SLOW_THE_FILL = FIND_THE_FILL + r"""
 # Stopped at once (it fills ~2 GiB/s once the restore has returned) and until the workload
-# is known (the target names it a moment after the restore), whose resident memory then is
-# the baseline. Stopped only after the cgroup's set-up, it brought most of 128 MiB in first.
+# is known (the target names it a moment after the restore). Stopped only after the cgroup's
+# set-up, it brought most of 128 MiB in first.
 os.kill(pid, signal.SIGSTOP)
 from pathlib import Path
 from memsnap import containers
@@ -110,7 +112,7 @@ def resident(p):
         pass
     return 0
 
-ticker, start, stopped = None, None, True
+ticker, stopped = None, True
 while os.path.exists(f"/proc/{pid}"):
     elapsed = time.monotonic() - began
     if kill_after and elapsed > kill_after:
@@ -122,8 +124,7 @@ while os.path.exists(f"/proc/{pid}"):
         time.sleep(0.02)
         continue
     have = resident(ticker)
-    start = have if start is None else start
-    ahead = have - start > (mib << 20) * elapsed / seconds
+    ahead = have > (mib << 20) * elapsed / seconds
     if ahead != stopped:
         try:
             os.kill(pid, signal.SIGSTOP if ahead else signal.SIGCONT)
