@@ -139,22 +139,30 @@ def thaw_all(paths) -> None:
 
 
 def kill_tasks(paths, what: str, timeout: float = 10.0) -> bool:
-    """SIGKILL every task in these cgroups and wait until none is left; whether any was."""
+    """SIGKILL every task in these cgroups and wait until none is left; whether any was.
+    Frozen tasks are killed before they are thawed (a frozen task cannot even die): with the
+    signal pending they never run their own code again, so a frozen copy that was checkpointed
+    or moved away does nothing after its dump."""
     paths = list(paths)
+    _kill(tasks(paths))
     thaw_all(paths)
     deadline = time.monotonic() + timeout
     found = False
     while left := tasks(paths):
         found = True
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _kill(left)
         if time.monotonic() > deadline:
             raise RuntimeError(f"{what} still has tasks {sorted(left)} after SIGKILL")
         time.sleep(0.02)
     return found
+
+
+def _kill(pids) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def rmdir(path: Path) -> None:

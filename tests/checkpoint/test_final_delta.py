@@ -46,6 +46,21 @@ for e in entries:
                  if base <= e["vaddr"] + i * ps < base + size]
 print(json.dumps(sorted(held)))
 """
+# final.write with the tracker's hand-over broken (fault injection: the rest is real), while
+# CRIU waits in its pre-dump action for the tree to be frozen and handed over.
+BROKEN_HAND_OVER = """
+import sys
+from pathlib import Path
+from memsnap.checkpoint import final
+from memsnap.tracking.uffd_wp import UffdWp
+def broken(self, holds):
+    raise RuntimeError("hand-over broke")
+UffdWp.hand_over = broken
+try:
+    final.write(int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]))
+except RuntimeError as exc:
+    print(exc)
+"""
 
 
 def poke(w, pages: list[int]) -> None:
@@ -92,3 +107,19 @@ def test_a_chain_without_parked_tracking_falls_back_to_a_whole_dump(wl):
     assert "--track-mem-uffd" not in manifest["how"]
     restored = json.loads(memsnap("restore", "--dir", f"{BASE}/final").stdout)
     assert w.region_hash(restored["pid"]) == before
+
+
+def test_a_failed_hand_over_stops_the_waiting_criu_and_thaws_the_workload(wl):
+    """CRIU starts before the freeze and waits in its pre-dump action: if the freeze or the
+    hand-over fails, it must end without touching the tasks, and the workload run on."""
+    w = wl(mib=16, churn=500)
+    checkpoint(w.pid, "l1")
+    out = sh(f"python3 -c '{BROKEN_HAND_OVER}' {w.pid} {BASE}/final {BASE}/l1").stdout
+    assert "hand-over broke" in out
+    assert sh("pgrep -x criu", check=False).returncode == 1  # no CRIU left waiting
+    assert sh("ls /tmp").stdout.count("memsnap-criu-") == 0  # its handshake FIFOs are gone
+    assert sh(f"ls {BASE}").stdout.split() == ["l1"]
+    assert w.alive()
+    first = w.region_hash()
+    time.sleep(0.3)
+    assert w.region_hash() != first  # still churning: thawed, not frozen

@@ -86,3 +86,28 @@ def test_hand_over_leaves_protected_only_what_the_parent_holds(child):
     assert not any(pagemap.is_marker(e) for e in entries[8:12])  # no clean "swapped" page left there
     protected = {i for i, e in enumerate(entries) if e & pagemap.PM_UFFD_WP}
     assert protected == set(range(4, 8)) | set(range(12, 56))  # exactly: unchanged and in the parent
+
+
+def test_a_hand_over_prepared_while_running_sees_what_the_target_did_after(child):
+    """prepare_hand_over() runs before the freeze: writes and discards made after it must
+    still come out right once hand_over() has run on the frozen target."""
+    proc, addr = child
+    mapping = page_range(addr, 0, PAGES)
+    tracker = UffdWp(proc.pid, VmaSelection(("file",)))
+    try:
+        tracker.arm()
+        tell(proc, "write 0 4")
+        holds = page_range(addr, 0, 56)
+        tracker.prepare_hand_over(holds)  # the target still runs
+        tell(proc, "write 20 2")
+        tell(proc, "discard 8 4")  # leaves markers in this file mapping
+        os.kill(proc.pid, signal.SIGSTOP)
+        written = tracker.hand_over(holds).intersection(mapping)
+        entries = pagemap.read_entries(tracker._pagemap, addr, addr + PAGES * PAGE_SIZE)
+    finally:
+        os.kill(proc.pid, signal.SIGCONT)
+        tracker.close()
+    assert written == page_range(addr, 0, 4).union(page_range(addr, 20, 2), page_range(addr, 56, 8))
+    assert not any(pagemap.is_marker(e) for e in entries[8:12])
+    protected = {i for i, e in enumerate(entries) if e & pagemap.PM_UFFD_WP}
+    assert protected == set(range(4, 8)) | set(range(12, 20)) | set(range(22, 56))

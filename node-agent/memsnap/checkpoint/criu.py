@@ -1,13 +1,18 @@
 """Driving the criu binary: dump a frozen tree, restore a chain."""
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import re
 import select
+import shlex
 import shutil
 import subprocess
+import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 
 class CriuError(Exception):
@@ -31,13 +36,86 @@ def dump(pid: int, directory: Path, freeze_cgroup: Path | None, leave_running: b
 
 
 def dump_tracked(pid: int, directory: Path, parent_rel: str, freeze_cgroup: Path,
-                 leave_running: bool = False) -> None:
+                 when_ready: Callable[[], None]) -> None:
     """Dump against a parent, taking dirty bits from the uffd-wp protection a tracker keeps
-    (memsnap's CRIU, node-agent/criu/patches/0002): only pages written since the parent."""
+    (memsnap's CRIU, node-agent/criu/patches/0002): only pages written since the parent.
+
+    CRIU starts before anything stops: once it has set itself up (options, kernel feature
+    probes: ~30 ms that do not depend on the tasks), its pre-dump action calls back and
+    when_ready() freezes the tree and hands the tracking over; then CRIU dumps. If when_ready
+    raises, CRIU is told to give up and the error goes on. The tree is left frozen
+    (--leave-running on a frozen cgroup): the caller ends or thaws it."""
     # -v2 (errors and warnings): at -v4 CRIU logs a line per run of pages, while frozen.
     args = ["dump", "-t", str(pid), "-D", str(directory), "-o", "dump.log", "-v2",
-            "--track-mem-uffd", "--prev-images-dir", parent_rel, "--freeze-cgroup", str(freeze_cgroup)]
-    _run(args + (["--leave-running"] if leave_running else []), directory / "dump.log")
+            "--track-mem-uffd", "--prev-images-dir", parent_rel, "--freeze-cgroup", str(freeze_cgroup),
+            "--leave-running"]
+    with _PreDumpHandshake() as hook:
+        proc = subprocess.Popen([binary(), *args, "--action-script", hook.script],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            ready = hook.wait_ready(proc)
+            if ready:
+                try:
+                    when_ready()
+                except BaseException:
+                    hook.answer("stop")
+                    raise
+                hook.answer("go")
+        except BaseException:
+            proc.kill()  # it has not touched the tasks: the pre-dump action comes first
+            proc.communicate()
+            raise
+        _check(proc.returncode, proc.communicate()[1], args, directory / "dump.log")
+        if not ready:
+            raise CriuError("criu dump exited before its pre-dump action ran")
+
+
+class _PreDumpHandshake:
+    """CRIU's pre-dump action script, held until memsnap answers: two FIFOs in a private
+    directory. The script tells "ready" and waits (at most HOOK_WAIT s, should memsnap die)
+    for "go"; any other answer makes it fail, and CRIU then stops before touching the tasks."""
+
+    HOOK_WAIT = 60
+
+    def __enter__(self) -> _PreDumpHandshake:
+        self.dir = Path(tempfile.mkdtemp(prefix="memsnap-criu-"))
+        self.ready, self.reply = self.dir / "ready", self.dir / "answer"
+        os.mkfifo(self.ready, 0o600)
+        os.mkfifo(self.reply, 0o600)
+        self._ready_fd = os.open(self.ready, os.O_RDONLY | os.O_NONBLOCK)  # before CRIU: its echo must not block
+        r, a = shlex.quote(str(self.ready)), shlex.quote(str(self.reply))
+        self.script = (f'[ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] || exit 0; echo ready > {r}; '
+                       f'[ "$(timeout {self.HOOK_WAIT} head -n1 {a})" = go ]')
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.close(self._ready_fd)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def wait_ready(self, proc: subprocess.Popen, timeout: float = 60.0) -> bool:
+        """Whether CRIU reached its pre-dump action (False: it exited first)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if select.select([self._ready_fd], [], [], 0.02)[0] and os.read(self._ready_fd, 64):
+                return True
+            if proc.poll() is not None:
+                return False
+        raise CriuError(f"criu dump did not reach its pre-dump action within {timeout:.0f} s")
+
+    def answer(self, word: str) -> None:
+        deadline = time.monotonic() + 5.0
+        while True:
+            try:
+                fd = os.open(self.reply, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError as exc:  # ENXIO: the script has not opened its end yet
+                if exc.errno != errno.ENXIO or time.monotonic() > deadline:
+                    raise CriuError(f"criu's pre-dump action did not wait for memsnap: {exc}") from None
+                time.sleep(0.0005)
+        try:
+            os.write(fd, f"{word}\n".encode())
+        finally:
+            os.close(fd)
 
 
 @functools.cache
@@ -102,9 +180,13 @@ def restored_lazy_pages(log_dir: Path) -> int:
 
 def _run(args: list[str], log: Path, preexec_fn=None) -> None:
     result = subprocess.run([binary(), *args], capture_output=True, text=True, preexec_fn=preexec_fn)
-    if result.returncode != 0:
-        tail = _tail(log) or result.stderr.strip()
-        raise CriuError(f"criu {args[0]} failed (exit {result.returncode}): {tail}")
+    _check(result.returncode, result.stderr, args, log)
+
+
+def _check(returncode: int, stderr: str, args: list[str], log: Path) -> None:
+    if returncode != 0:
+        tail = _tail(log) or stderr.strip()
+        raise CriuError(f"criu {args[0]} failed (exit {returncode}): {tail}")
 
 
 def _tail(log: Path, lines: int = 3) -> str:

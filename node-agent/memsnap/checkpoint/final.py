@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .. import procfs
+from .. import cgroupfs, procfs
 from ..images import chain
 from ..images import criu_format as cf
 from ..images.layer import LayerWriter, Manifest
@@ -34,13 +34,14 @@ from .layers import entries as layer_entries
 
 def write(root: int, target: Path, parent: Path | None, selection: VmaSelection = VmaSelection(),
           leave_running: bool = False, on_freeze: Callable[[], None] | None = None,
-          untrack_later: list[Backend] | None = None) -> Path:
+          untrack_later: list[Backend] | None = None, durable: bool = True) -> Path:
     """With leave_running the tree stays frozen (in own_cgroup(root)) after a successful dump,
     for the caller to end or thaw (a migration ends it once the target runs it); otherwise
-    CRIU stops it. on_freeze() is called the moment the tree is frozen (where a pause starts).
+    memsnap kills it once the layer is committed (outside the freeze it reports). on_freeze() is called the moment the tree is frozen (where a pause starts).
     With leave_running and untrack_later, a successful write hands its trackers over in that
     list instead of closing them: closing walks every tracked page (smaps, unregister), which
-    a migration does once the pause is over, and must do before it thaws the tree."""
+    a migration does once the pause is over, and must do before it thaws the tree.
+    durable=False: not fsynced (see LayerWriter), for a layer that lives as long as a migration."""
     if parent is not None:
         # Links only: hashing the whole chain here would delay the freeze, and every page
         # written meanwhile lands in the final layer; restore checks every checksum.
@@ -49,16 +50,19 @@ def write(root: int, target: Path, parent: Path | None, selection: VmaSelection 
     trackers = {pid: registry.resume(pid, selection) for pid in pids if registry.parked_backend(pid)}
     freezer = own_cgroup(root)
     try:
-        with LayerWriter(target) as out:
+        with LayerWriter(target, durable) as out:
             for t in trackers.values():
                 t.drop_target_fd()  # CRIU cannot dump a userfaultfd; our duplicate keeps tracking
-            dump = _Dump(root, freezer, leave_running, on_freeze)
+            dump = _Dump(root, freezer, on_freeze)
             if parent is not None and _criu_takes_delta(parent, pids, trackers):
                 manifest = _dump_delta(dump, out, parent, trackers)
             else:
                 manifest = _dump_whole(dump, pids, out, parent, trackers)
             layer = out.commit(manifest)
-        if leave_running and untrack_later is not None:
+        if not leave_running:
+            # CRIU left the tree frozen: ended only now, its memory freed outside the freeze.
+            cgroupfs.kill_tasks([freezer.path], f"pid {root}'s tree")
+        elif untrack_later is not None:
             untrack_later.extend(trackers.values())
             trackers.clear()
         for t in trackers.values():
@@ -83,11 +87,10 @@ def _criu_takes_delta(parent: Path, pids: list[int], trackers: dict[int, Backend
 
 @dataclass
 class _Dump:
-    """The tree being dumped and how: frozen in freezer, left frozen after with leave_running."""
+    """The tree being dumped: frozen in freezer, and left frozen after the dump."""
 
     root: int
     freezer: Freezer
-    leave_running: bool
     on_freeze: Callable[[], None] | None
 
     def freeze(self) -> _Phases:
@@ -107,10 +110,18 @@ def _dump_delta(dump: _Dump, out: LayerWriter, parent: Path, trackers: dict[int,
     ids = dump.ids(trackers)
     holds = {pid: described_in(parent, ids[pid]) for pid in trackers}  # before the freeze: it waits for nobody
     rel = out.link_parent(parent)
-    clock = dump.freeze()
-    dirty = {pid: t.hand_over(holds[pid]) for pid, t in trackers.items()}
-    clock.mark("collect")
-    criu.dump_tracked(dump.root, out.dir, rel, dump.freezer.path, dump.leave_running)
+    for pid, t in trackers.items():
+        t.prepare_hand_over(holds[pid])  # while it runs: what is left for the freeze is small
+    dirty: dict[int, PageRanges] = {}
+    clock: _Phases | None = None
+
+    def freeze_and_hand_over() -> None:  # CRIU is set up and waits for this
+        nonlocal clock
+        clock = dump.freeze()
+        dirty.update({pid: t.hand_over(holds[pid]) for pid, t in trackers.items()})
+        clock.mark("collect")
+
+    criu.dump_tracked(dump.root, out.dir, rel, dump.freezer.path, freeze_and_hand_over)
     clock.mark("criu dump")
     frozen_for = clock.total()
     clock.split("criu dump", _memory_seconds(out.dir), "criu state dump", "memory delta")
@@ -137,7 +148,7 @@ def _dump_whole(dump: _Dump, pids: list[int], out: LayerWriter, parent: Path | N
         t.close()  # unprotect while frozen: CRIU must see plain page tables
     trackers.clear()
     clock.mark("release")
-    criu.dump(dump.root, out.dir, dump.freezer.path, leave_running=dump.leave_running)
+    criu.dump(dump.root, out.dir, dump.freezer.path, leave_running=True)
     clock.mark("criu dump")
     frozen_for = clock.total()
     rel = out.link_parent(parent)

@@ -90,7 +90,7 @@ def park(armed: dict[int, Armed], unsaved: bool) -> None:
 
 def write(root: int, target: Path, parent: Path | None, backend: str = "auto",
           selection: VmaSelection = VmaSelection(), verify_parent: bool = True,
-          on_collect: Callable[[], None] | None = None) -> Path:
+          on_collect: Callable[[], None] | None = None, durable: bool = True) -> Path:
     """verify_parent=False checks the chain's links but not its checksums: for a chain the
     caller wrote itself moments ago (a migration's, every round), where hashing it all again
     costs seconds per round at a few GiB, and every page written meanwhile is sent again.
@@ -102,7 +102,7 @@ def write(root: int, target: Path, parent: Path | None, backend: str = "auto",
     if on_collect is not None:
         on_collect()
     try:
-        with LayerWriter(target) as out:
+        with LayerWriter(target, durable) as out:
             rel = out.link_parent(parent)
             cf.write_inventory(out.dir)  # lets CRIU take this layer as the parent of a final dump
             ids = procfs.image_ids(root, sorted(armed))  # CRIU names a task by its pid in root's namespace

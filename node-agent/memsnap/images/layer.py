@@ -83,8 +83,11 @@ def verify_files(directory: Path, manifest: Manifest) -> None:
 class LayerWriter:
     """Builds a layer in a private directory beside its final place; commit() publishes it."""
 
-    def __init__(self, target: Path):
+    def __init__(self, target: Path, durable: bool = True):
+        """durable=False skips the fsyncs (the rename still publishes a whole layer or none):
+        for layers that live only as long as a migration, which a crash ends anyway."""
         self.target = target.absolute()
+        self.durable = durable
         if self.target.exists():
             raise LayerError(f"{self.target} already exists: a layer is never overwritten")
         self.target.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -118,15 +121,19 @@ class LayerWriter:
             if path.is_file() and not path.is_symlink():
                 os.chmod(path, 0o600)
                 manifest.files[name] = file_digest(path)
-                _fsync(path)
+                self._sync(path)
         manifest_path = self.dir / MANIFEST
         manifest_path.write_text(manifest.to_json())
         os.chmod(manifest_path, 0o600)
-        _fsync(manifest_path)
-        _fsync(self.dir)
+        self._sync(manifest_path)
+        self._sync(self.dir)
         os.rename(self.dir, self.target)
-        _fsync(self.target.parent)
+        self._sync(self.target.parent)
         return self.target
+
+    def _sync(self, path: Path) -> None:
+        if self.durable:
+            _fsync(path)
 
     def abort(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -185,7 +185,7 @@ class PodMigration:
             for c in self.containers:
                 parent = self.layers[c.name][-1] if self.layers[c.name] else None
                 target = self.out / f"{c.name}.l{len(self.layers[c.name])}"
-                layer = await asyncio.to_thread(precopy.write, c.pid, target, parent)
+                layer = await asyncio.to_thread(precopy.write, c.pid, target, parent, durable=False)
                 first_collect = first_collect or time.monotonic()  # the round's dirty sets were taken about now
                 self.layers[c.name].append(layer)
                 sent = await transfer.send_layer(self.session, self.req.base_url, layer, self.limiter)
@@ -279,7 +279,7 @@ class PodMigration:
                  and all(isinstance(t, UffdWp) for t in trackers.values())
                  and (parent / "inventory.img").is_file() and criu.has_uffd_tracking())
         try:
-            with LayerWriter(self.out / c.name) as out:
+            with LayerWriter(self.out / c.name, durable=False) as out:  # lives as long as the migration
                 began = time.monotonic()
                 if delta:
                     written = sum(t.hand_over(described_in(parent, ids[pid])).pages for pid, t in trackers.items())

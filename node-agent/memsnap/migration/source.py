@@ -140,7 +140,7 @@ class SourceMigration:
         marks: dict[str, float] = {}
         layer = await self._renewing_lease(self._blocking(
             precopy.write, self.root, self.out / name, parent, verify_parent=False,
-            on_collect=lambda: marks.setdefault("collected", time.monotonic())))
+            on_collect=lambda: marks.setdefault("collected", time.monotonic()), durable=False))
         collected = marks.get("collected", time.monotonic())  # the layer's dirty set was taken then
         self.layers.append(layer)
         return layer, collected
@@ -173,7 +173,7 @@ class SourceMigration:
         parent = self.layers[-1] if self.layers else None  # none: stop-and-copy
         layer = await self._blocking(final.write, self.root, self.out / "final", parent,
                                      VmaSelection(), True, lambda: marks.setdefault("frozen", time.monotonic()),
-                                     self.untrack)
+                                     self.untrack, False)
         frozen_at = marks.get("frozen", t0)
         m = read_manifest(layer)
         pause.update(m.phases)

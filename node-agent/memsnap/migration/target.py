@@ -305,7 +305,7 @@ class Target:
         _check_layer(inc, layer)
         self._receiving(inc)
         try:
-            transfer.commit_layer(inc.dir, layer, manifest_json, set(inc.layers))
+            transfer.commit_layer(inc.dir, layer, manifest_json, set(inc.layers), durable=False)
         except transfer.TransferError as exc:
             raise TargetError(str(exc), 422) from None
         except OSError as exc:

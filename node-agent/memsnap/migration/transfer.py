@@ -1,9 +1,9 @@
 """Moving layers between agents: streamed, rate-limited, resumable, checked.
 
-The sender PUTs each file of a committed layer in chunks read from disk as the socket takes
-them (TCP back-pressure: a slow target never makes the source hold a layer in memory), at an
-optional rate limit, then POSTs the manifest. An interrupted file resumes where the target's
-copy ends (the target says how much it holds). The target writes files aside, checks every
+The sender PUTs the files of a committed layer, a few at a time, each in chunks read from disk
+as the socket takes them (TCP back-pressure: a slow target never makes the source hold a layer
+in memory), at an optional rate limit, then POSTs the manifest. An interrupted file resumes
+where the target's copy ends (the target says how much it holds). The target writes files aside, checks every
 sha256 against the manifest before it publishes the layer, and keeps them root-only.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from ..images.layer import MANIFEST, Manifest, file_digest, read_manifest
 
 CHUNK = 1 << 20
 RETRIES = 5
+PARALLEL_FILES = 4
 
 
 class TransferError(Exception):
@@ -56,36 +57,44 @@ class Sent:
 
 async def send_layer(session: aiohttp.ClientSession, base: str, layer: Path,
                      limiter: RateLimiter, retries: int = RETRIES) -> Sent:
-    """Send one committed layer to base (…/migrations/ID) under its own name."""
+    """Send one committed layer to base (…/migrations/ID) under its own name: its files side
+    by side (a final layer is a few dozen small files, sent while the workload stands still),
+    then the manifest."""
     began = time.monotonic()
     manifest = read_manifest(layer)
     url = f"{base}/layers/{layer.name}"
-    sent = 0
-    for name in sorted(manifest.files):
-        sent += await _send_file(session, f"{url}/files/{name}", layer / name, limiter, retries)
+    lanes = asyncio.Semaphore(PARALLEL_FILES)
+
+    async def one(name: str) -> int:
+        async with lanes:
+            return await _send_file(session, f"{url}/files/{name}", layer / name, limiter, retries)
+    sent = sum(await asyncio.gather(*(one(name) for name in sorted(manifest.files))))
     await _post(session, f"{url}/commit", manifest.to_json())
     return Sent(sent, time.monotonic() - began)
 
 
 async def _send_file(session, url: str, path: Path, limiter: RateLimiter, retries: int) -> int:
     size = path.stat().st_size
-    sent = 0
+    offset: int | None = 0  # a layer is sent once: the target holds nothing of it, no need to ask
     last: Exception | None = None
     for attempt in range(retries):
         try:
-            held = await _remote_size(session, url)
-            if held is not None and held > size:
-                raise TransferError(f"the target holds more of {path.name} than there is ({held} > {size})")
-            if held == size:
-                return sent
-            offset = held or 0  # None: nothing yet (an empty file is still sent, to exist there)
+            if offset is None:  # after a failure: ask where the target's copy ends, go on from there
+                held = await _remote_size(session, url)
+                if held is not None and held > size:
+                    raise TransferError(f"the target holds more of {path.name} than there is ({held} > {size})")
+                if held == size:
+                    return 0
+                offset = held or 0  # None: nothing yet (an empty file is still sent, to exist there)
             async with session.put(url, params={"offset": str(offset)}, data=_chunks(path, offset, limiter),
                                    headers={"Content-Length": str(size - offset)}) as resp:
+                if resp.status == 409 and attempt + 1 < retries:  # it holds part of it after all
+                    offset, last = None, TransferError(f"target answered 409 for {path.name}")
+                    continue
                 await _check(resp)
-            sent += size - offset
-            return sent
+            return size - offset
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, asyncio.TimeoutError) as exc:
-            last = exc  # the link dropped mid-file: ask where the target's copy ends, go on from there
+            offset, last = None, exc  # the link dropped mid-file
             await asyncio.sleep(min(0.2 * 2 ** attempt, 2.0))
     raise TransferError(f"sending {path.name} failed {retries} times: {_describe(last)}")
 
@@ -215,8 +224,10 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view):]
 
 
-def commit_layer(root: Path, layer: str, manifest_json: str, known_layers: set[str]) -> Manifest:
-    """Check every file against the manifest, link the parent, publish the layer."""
+def commit_layer(root: Path, layer: str, manifest_json: str, known_layers: set[str],
+                 durable: bool = True) -> Manifest:
+    """Check every file against the manifest, link the parent, publish the layer (fsynced
+    first unless durable=False: see images.layer.LayerWriter)."""
     d = partial_dir(root, layer)
     try:
         manifest = Manifest(**json.loads(manifest_json))
@@ -237,7 +248,8 @@ def commit_layer(root: Path, layer: str, manifest_json: str, known_layers: set[s
         os.symlink(manifest.parent, d / "parent")
     (d / MANIFEST).write_text(manifest.to_json())
     os.chmod(d / MANIFEST, 0o600)
-    _fsync_tree(d)
+    if durable:
+        _fsync_tree(d)
     target = root / layer
     if target.exists():
         raise TransferError(f"{layer} was already committed")

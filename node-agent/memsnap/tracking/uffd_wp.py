@@ -19,9 +19,10 @@ from ..procfs import Mapping
 from .base import Availability, Backend, ProcessSample, TrackingError
 from .pages import PageRanges
 from .state import Claim, TargetState
-from .vmas import VmaEvent, VmaSelection
+from .vmas import VmaEvent, VmaSelection, ranges_of
 
 UFFD_LINK = "anon_inode:[userfaultfd]"
+ANONYMOUS_KINDS = ("anon", "heap", "stack")  # private anonymous memory: no page cache behind it
 _ALLOWED = (seccomp.RET_ALLOW, seccomp.RET_LOG)
 
 
@@ -35,6 +36,7 @@ class UffdWp(Backend):
         self._pagemap = -1
         self._scanner: pagemap.Scanner | None = None
         self._pending = PageRanges()  # collected by an earlier run but never saved
+        self._prepared_for: PageRanges | None = None  # the parent prepare_hand_over() readied for
 
     @classmethod
     def availability(cls) -> Availability:
@@ -127,21 +129,51 @@ class UffdWp(Backend):
         no data (never-populated pages; in shared and file mappings also discarded ones, whose
         old data the parent must not bring back). Nothing is re-protected: CRIU sees every
         write since the last layer.
+
+        After prepare_hand_over(holds) only what can have changed since is left to do here:
+        markers that discards left in file and shared mappings.
         """
         tracked = self.tracked_ranges()
+        if self._prepared_for is not None and self._prepared_for == holds:
+            self._unprotect(self._discarded(self._non_anonymous().intersection(tracked), holds))
+        else:
+            self._unprotect(self._not_held(tracked, holds))
+        self._prepared_for = None
+        return PageRanges().union(*(self._written(start, end) for start, end in tracked))
+
+    def prepare_hand_over(self, holds: PageRanges) -> None:
+        """Most of hand_over(holds), done while the target still runs, so that the freeze need
+        not walk every page: a page unprotected here reads as written from then on, and what
+        the target does meanwhile cannot protect a page again (only this tracker does), except
+        a discard in a file or shared mapping, which leaves a marker that hand_over() drops."""
+        self._unprotect(self._not_held(self.tracked_ranges(), holds))
+        self._prepared_for = holds
+
+    def _not_held(self, tracked: PageRanges, holds: PageRanges) -> PageRanges:
+        """The protected pages in tracked that CRIU must not take from the parent."""
         with_data = self.pages_with(self._scanner, PAGE_IS_PRESENT | PAGE_IS_SWAPPED, tracked)
-        swapped_clean = PageRanges((s, e) for start, end in tracked for s, e, _ in self._scanner.scan(
+        return self._pending.union(with_data.difference(holds), self._discarded(tracked, holds))
+
+    def _discarded(self, ranges: PageRanges, holds: PageRanges) -> PageRanges:
+        """Protection markers among the pages of ranges that the parent holds."""
+        swapped_clean = PageRanges((s, e) for start, end in ranges for s, e, _ in self._scanner.scan(
             start, end, category_mask=PAGE_IS_SWAPPED | PAGE_IS_WRITTEN, inverted=PAGE_IS_WRITTEN,
             return_mask=PAGE_IS_SWAPPED))
-        drop = self._pending.union(with_data.difference(holds), self._markers(swapped_clean.intersection(holds)))
+        return self._markers(swapped_clean.intersection(holds))
+
+    def _non_anonymous(self) -> PageRanges:
+        """Tracked file and shared mappings: a discard there leaves a marker (an anonymous
+        mapping's discard drops the page and its protection)."""
+        return ranges_of([m for m in self.tracked if m.kind not in ANONYMOUS_KINDS])
+
+    def _unprotect(self, pages: PageRanges) -> None:
         mapped = PageRanges((m.start, m.end) for m in procfs.read_maps(self.pid))
-        for start, end in drop.intersection(tracked).intersection(mapped):
+        for start, end in pages.intersection(self.tracked_ranges()).intersection(mapped):
             try:
                 uffd.write_protect(self._uffd, start, end, protect=False)
             except OSError as exc:
                 if exc.errno not in (errno.ENOENT, errno.EINVAL):
                     raise  # else no longer registered: CRIU dumps all of it anyway
-        return PageRanges().union(*(self._written(start, end) for start, end in tracked))
 
     def _markers(self, ranges: PageRanges) -> PageRanges:
         """The pages in `ranges` that hold a pte marker (few: discarded or swapped pages)."""
