@@ -200,19 +200,20 @@ def pause_by_size(sizes: tuple[int, ...] = SIZES_MIB) -> str:
                       table(FILL_HEAD, fills)])
 
 
-SIZE_HEAD = ["memory", "mode", "pause felt ms", "pause ms (agent)", "phases ms", "lazy MiB", "fill s", "total s", "rounds"]
+SIZE_HEAD = ["memory", "mode", "pause felt ms", "pause ms (agent)", "phases ms", "final MiB", "lazy MiB", "fill s",
+             "total s", "rounds"]
 FILL_HEAD = ["memory", "fill s", "ticks/s during", "ticks/s after", "writes/s during", "writes/s after",
              "p99 gap ms during", "p99 gap ms after", "max gap ms during", "max gap ms after"]
 
 
 def _size_row(mib: int, r: dict, mode: str = "pre-copy") -> list:
     if r["event"] != "done":
-        return [f"{mib} MiB", mode, "failed", "-", r["error"][:80], "-", "-", "-", "-"]
+        return [f"{mib} MiB", mode, "failed", "-", r["error"][:80], "-", "-", "-", "-", "-"]
     phases = ", ".join(f"{k} {v:.0f}" for k, v in r["pause_phases"].items())
     if r.get("restore_phases"):  # where the target's restore went
         phases += " (restore: " + ", ".join(f"{k} {v:.0f}" for k, v in r["restore_phases"].items()) + ")"
     return [f"{mib} MiB", mode, f"{r['felt_ms']:.0f}", f"{r['downtime_ms']:.0f}", phases,
-            f"{r.get('lazy_pages', 0) * 4096 / MIB:.0f}", f"{r.get('fill_seconds') or 0:.2f}",
+            f"{r.get('final_layer_bytes', 0) / MIB:.1f}", f"{r.get('lazy_pages', 0) * 4096 / MIB:.0f}", f"{r.get('fill_seconds') or 0:.2f}",
             f"{r['total_seconds']:.1f}", r["iterations"]]
 
 

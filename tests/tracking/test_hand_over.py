@@ -77,7 +77,8 @@ def test_hand_over_leaves_protected_only_what_the_parent_holds(child):
         tell(proc, "discard 8 4")  # given up: the file's bytes again
         holds = page_range(addr, 0, 56)  # the parent lacks the last 8 pages
         os.kill(proc.pid, signal.SIGSTOP)  # frozen, as for the final dump
-        written = tracker.hand_over(holds).intersection(mapping)
+        tracker.hand_over(holds)
+        written = tracker.written().intersection(mapping)
         entries = pagemap.read_entries(tracker._pagemap, addr, addr + PAGES * PAGE_SIZE)
     finally:
         os.kill(proc.pid, signal.SIGCONT)
@@ -102,7 +103,8 @@ def test_a_hand_over_prepared_while_running_sees_what_the_target_did_after(child
         tell(proc, "write 20 2")
         tell(proc, "discard 8 4")  # leaves markers in this file mapping
         os.kill(proc.pid, signal.SIGSTOP)
-        written = tracker.hand_over(holds).intersection(mapping)
+        tracker.hand_over(holds)
+        written = tracker.written().intersection(mapping)
         entries = pagemap.read_entries(tracker._pagemap, addr, addr + PAGES * PAGE_SIZE)
     finally:
         os.kill(proc.pid, signal.SIGCONT)

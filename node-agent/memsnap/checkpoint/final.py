@@ -112,19 +112,20 @@ def _dump_delta(dump: _Dump, out: LayerWriter, parent: Path, trackers: dict[int,
     rel = out.link_parent(parent)
     for pid, t in trackers.items():
         t.prepare_hand_over(holds[pid])  # while it runs: what is left for the freeze is small
-    dirty: dict[int, PageRanges] = {}
     clock: _Phases | None = None
 
     def freeze_and_hand_over() -> None:  # CRIU is set up and waits for this
         nonlocal clock
         clock = dump.freeze()
-        dirty.update({pid: t.hand_over(holds[pid]) for pid, t in trackers.items()})
+        for pid, t in trackers.items():
+            t.hand_over(holds[pid])
         clock.mark("collect")
 
     criu.dump_tracked(dump.root, out.dir, rel, dump.freezer.path, freeze_and_hand_over)
     clock.mark("criu dump")
     frozen_for = clock.total()
     clock.split("criu dump", _memory_seconds(out.dir), "criu state dump", "memory delta")
+    written = sum(t.written().pages for t in trackers.values())  # still frozen, past the dump
     tracked = {ids[pid]: ranges_of(t.tracked) for pid, t in trackers.items()}
     pages, described, written_tracked = _summary(out.dir, tracked)
     return Manifest(kind="final", parent=rel, pids=sorted(trackers), backend="uffd-wp+criu",
@@ -133,7 +134,7 @@ def _dump_delta(dump: _Dump, out: LayerWriter, parent: Path, trackers: dict[int,
                     how="criu --track-mem-uffd: CRIU wrote the pages the tracker saw written since "
                         "the parent, and in-parent entries for the rest",
                     phases=clock.phases,
-                    dirty_pages={"tracker": sum(d.pages for d in dirty.values()),
+                    dirty_pages={"tracker": written,
                                  "criu_in_tracked": written_tracked})
 
 

@@ -282,8 +282,10 @@ class PodMigration:
             with LayerWriter(self.out / c.name, durable=False) as out:  # lives as long as the migration
                 began = time.monotonic()
                 if delta:
-                    written = sum(t.hand_over(described_in(parent, ids[pid])).pages for pid, t in trackers.items())
+                    for pid, t in trackers.items():
+                        t.hand_over(described_in(parent, ids[pid]))
                     podruntime.checkpoint(c, out.dir, work, parent, ["track-mem-uffd"])
+                    written = sum(t.written().pages for t in trackers.values())
                     how = ("runc checkpoint --leave-running --parent-path, CRIU --track-mem-uffd: only the "
                            f"pages written since {parent.name} ({written} seen by the tracker)")
                 else:

@@ -176,8 +176,10 @@ class PodChain:
         with LayerWriter(staging / c.name) as out:
             began = time.monotonic()
             if delta:
-                written = sum(tr.hand_over(described_in(parent, ids[pid])).pages for pid, tr in t.trackers.items())
+                for pid, tr in t.trackers.items():
+                    tr.hand_over(described_in(parent, ids[pid]))
                 podruntime.checkpoint(c, out.dir, work, parent, ["track-mem-uffd"])
+                written = sum(tr.written().pages for tr in t.trackers.values())
                 for tr in t.trackers.values():
                     tr.collect()  # re-protect while frozen: the next dump sees every write from now
                 how = f"delta on {_rel(parent)} (CRIU --track-mem-uffd; {written} pages written since)"

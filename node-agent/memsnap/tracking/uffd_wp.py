@@ -119,9 +119,9 @@ class UffdWp(Backend):
         self._target_fd = -1
         self._save_state()
 
-    def hand_over(self, holds: PageRanges) -> PageRanges:
+    def hand_over(self, holds: PageRanges) -> None:
         """Ready a frozen target for `criu dump --track-mem-uffd` against a parent holding
-        `holds`; returns the tracked pages CRIU will count as written.
+        `holds` (written() then tells the tracked pages CRIU counts as written).
 
         CRIU takes a write-protected page as clean and expects the parent to hold it, so the
         protection is dropped where that is not so: pages the parent lacks (collected but never
@@ -139,7 +139,12 @@ class UffdWp(Backend):
         else:
             self._unprotect(self._not_held(tracked, holds))
         self._prepared_for = None
-        return PageRanges().union(*(self._written(start, end) for start, end in tracked))
+
+    def written(self) -> PageRanges:
+        """After hand_over(), until the next collect(): the tracked pages CRIU counts as
+        written (it never re-protects, so this may be read after its dump: a page walk the
+        freeze need not wait for)."""
+        return PageRanges().union(*(self._written(start, end) for start, end in self.tracked_ranges()))
 
     def prepare_hand_over(self, holds: PageRanges) -> None:
         """Most of hand_over(holds), done while the target still runs, so that the freeze need
