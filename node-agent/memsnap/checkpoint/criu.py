@@ -65,7 +65,8 @@ def dump_tracked(pid: int, directory: Path, parent_rel: str, freeze_cgroup: Path
             proc.kill()  # it has not touched the tasks: the pre-dump action comes first
             proc.communicate()
             raise
-        _check(proc.returncode, proc.communicate()[1], args, directory / "dump.log")
+        stderr = proc.communicate()[1]
+        _check(proc.returncode, stderr, args, directory / "dump.log")
         if not ready:
             raise CriuError("criu dump exited before its pre-dump action ran")
 
@@ -84,8 +85,12 @@ class _PreDumpHandshake:
         os.mkfifo(self.reply, 0o600)
         self._ready_fd = os.open(self.ready, os.O_RDONLY | os.O_NONBLOCK)  # before CRIU: its echo must not block
         r, a = shlex.quote(str(self.ready)), shlex.quote(str(self.reply))
-        self.script = (f'[ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] || exit 0; echo ready > {r}; '
-                       f'[ "$(timeout {self.HOOK_WAIT} head -n1 {a})" = go ]')
+        # CRIU executes the script's path itself (no shell), so it is a file.
+        self.script = str(self.dir / "hook.sh")
+        fd = os.open(self.script, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o700)
+        with os.fdopen(fd, "w") as script:
+            script.write(f'#!/bin/sh\n[ "$CRTOOLS_SCRIPT_ACTION" = pre-dump ] || exit 0\necho ready > {r}\n'
+                         f'[ "$(timeout {self.HOOK_WAIT} head -n1 {a})" = go ]\n')
         return self
 
     def __exit__(self, *exc) -> None:

@@ -56,6 +56,9 @@ def run_checkpoint(args) -> int:
             layer = precopy.write(args.pid, args.dir, args.parent, args.backend)
     except engine.EngineError as exc:
         raise UsageError(str(exc)) from None
+    except ProcessLookupError as exc:  # the target exited under a procfs read
+        return _fail("checkpoint", f"pid {args.pid}'s tree lost a process ({exc}); "
+                                   "no layer was written and the chain is as it was")
     except FAILURES as exc:
         return _fail("checkpoint", exc)
     m = chain.load(layer, verify=False)[0].manifest
@@ -102,6 +105,6 @@ def _summary(directory: Path, m) -> dict:
             "freeze_seconds": m.freeze_seconds, "phases": m.phases}
 
 
-def _fail(what: str, exc: Exception) -> int:
+def _fail(what: str, exc: Exception | str) -> int:
     print(f"memsnap {what}: {exc}", file=sys.stderr)
     return 1
