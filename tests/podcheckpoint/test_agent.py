@@ -112,7 +112,7 @@ def test_failed_checkpoint_leaves_pod_and_earlier_ones(kubectl, agent_api, break
         assert "earlier checkpoints are intact" in failed["error"]
         assert [c["name"] for c in _listing(agent_api, cid)] == [good["name"]]
         # Still running, not frozen: it keeps counting; never restarted.
-        count = lambda: max(int(m[1]) for m in re.finditer(r"count=(\d+)", kubectl("logs", "ckpt-breakable").stdout))  # noqa: E731
+        count = lambda: max((int(m[1]) for m in re.finditer(r"count=(\d+)", kubectl("logs", "ckpt-breakable").stdout)), default=0)  # noqa: E731
         seen = count()
         kubectl.wait_for(lambda: count() > seen + 10, "the workload to count on")
         assert kubectl.json("get", "pod", "ckpt-breakable")["status"]["containerStatuses"][0]["restartCount"] == 0
