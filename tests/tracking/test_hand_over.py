@@ -76,10 +76,9 @@ def test_hand_over_leaves_protected_only_what_the_parent_holds(child):
         tell(proc, "write 0 4")  # written since that layer
         tell(proc, "discard 8 4")  # given up: the file's bytes again
         holds = page_range(addr, 0, 56)  # the parent lacks the last 8 pages
-    except BaseException:
+        written, entries = _frozen_hand_over(proc, tracker, addr, holds)
+    finally:
         tracker.close()
-        raise
-    written, entries = _frozen_hand_over(proc, tracker, addr, holds)
     assert written == page_range(addr, 0, 4).union(page_range(addr, 56, 8))
     assert not any(pagemap.is_marker(e) for e in entries[8:12])  # no clean "swapped" page left there
     protected = {i for i, e in enumerate(entries) if e & pagemap.PM_UFFD_WP}
@@ -98,10 +97,9 @@ def test_a_hand_over_prepared_while_running_sees_what_the_target_did_after(child
         tracker.prepare_hand_over(holds)  # the target still runs
         tell(proc, "write 20 2")
         tell(proc, "discard 8 4")  # leaves markers in this file mapping
-    except BaseException:
+        written, entries = _frozen_hand_over(proc, tracker, addr, holds)
+    finally:
         tracker.close()
-        raise
-    written, entries = _frozen_hand_over(proc, tracker, addr, holds)
     assert written == page_range(addr, 0, 4).union(page_range(addr, 20, 2), page_range(addr, 56, 8))
     assert not any(pagemap.is_marker(e) for e in entries[8:12])
     protected = {i for i, e in enumerate(entries) if e & pagemap.PM_UFFD_WP}
@@ -110,12 +108,11 @@ def test_a_hand_over_prepared_while_running_sees_what_the_target_did_after(child
 
 def _frozen_hand_over(proc, tracker: UffdWp, addr: int, holds: PageRanges):
     """Stop the target (frozen, as for the final dump), hand over, and read what a dump would
-    see: the written pages in the mapping and its pagemap entries. Ends the tracker."""
+    see: the written pages in the mapping and its pagemap entries; the target runs on after."""
+    os.kill(proc.pid, signal.SIGSTOP)
     try:
-        os.kill(proc.pid, signal.SIGSTOP)
         tracker.hand_over(holds)
         written = tracker.written().intersection(page_range(addr, 0, PAGES))
         return written, pagemap.read_entries(tracker._pagemap, addr, addr + PAGES * PAGE_SIZE)
     finally:
         os.kill(proc.pid, signal.SIGCONT)
-        tracker.close()
