@@ -79,3 +79,31 @@ def test_the_time_a_layer_took_to_write_counts_in_the_prediction():
     d = p.observe(r, now=p.started + 33)
     assert d.action == "continue", d
     assert abs(r.remaining_bytes - 21 * MIB) < 4096 and 305 < r.predicted_downtime_ms < 315, r
+
+
+def test_a_pause_that_fits_waits_for_rounds_that_still_halve_what_is_left():
+    """A 4 GiB workload's first rounds are long: the first round that fits leaves several times
+    what the next would. Pre-copy goes on while a round halves what is left, then finalizes."""
+    p = Planner(Policy(max_downtime_ms=300), memory_bytes=4096 * MIB, fixed_cost_s=0.1)
+    p.observe(rnd(0, 1 << 20, 4096 * MIB, send_s=30.0), now=p.started + 30)
+    rate = 10 * MIB // PAGE  # pages/s
+
+    def link(seconds):  # bytes a 250 MiB/s link carries in that time
+        return int(250 * MIB * seconds)
+    # 1.4 s to write and send: 14 MiB left, 56 ms at 250 MiB/s: fits, but the round before left 4 GiB
+    d = p.observe(rnd(1, 14 * rate, link(1.4), collect_s=14.0, send_s=1.4), now=p.started + 32)
+    assert d.action == "continue", d
+    # 0.4 s: 4 MiB left: fits, and less than half of 14 MiB
+    d = p.observe(rnd(2, 14 * rate // 10, link(0.4), collect_s=1.4, send_s=0.4), now=p.started + 33)
+    assert d.action == "continue", d
+    # 0.35 s: 3.5 MiB left, no longer halving: finalize
+    d = p.observe(rnd(3, 4 * rate // 10, link(0.35), collect_s=0.4, send_s=0.35), now=p.started + 34)
+    assert d.action == "finalize", d
+    assert [round(r.remaining_bytes / MIB, 1) for r in p.rounds[1:]] == [14.0, 4.0, 3.5]
+
+
+def test_a_pause_that_fits_finalizes_at_the_completion_timeout_even_while_shrinking():
+    p = Planner(Policy(max_downtime_ms=300, completion_timeout_per_gib=1), memory_bytes=1024 * MIB, fixed_cost_s=0.1)
+    p.observe(rnd(0, 262144, 1024 * MIB), now=p.started + 0.5)
+    d = p.observe(rnd(1, 2560, 100 * MIB, collect_s=1.0, send_s=1.0), now=p.started + 2)
+    assert d.action == "finalize", d

@@ -19,6 +19,11 @@ THROTTLE_INITIAL, THROTTLE_STEP, THROTTLE_MAX = 20, 10, 99
 # Once the memory part of the predicted pause is this small, a state-dump floor above the
 # budget is the pause: pre-copying longer cannot shorten it.
 FLOOR_SLACK_MS, FLOOR_SLACK_SHARE = 10.0, 0.1
+# A pause that fits the budget is still put off by another round while rounds shrink what is
+# left to this share of the round before or less: a big workload's first rounds are long, so
+# the round that first fits leaves several times what the rounds after it would (a 4 GiB
+# workload froze on 14 MiB where a 256 MiB one at the same rate froze on 4 MiB).
+SHRINKING = 0.5
 
 
 @dataclass(frozen=True)
@@ -99,11 +104,12 @@ class Planner:
         if r.iteration == 0:  # the full copy: the dirty rate is measured from the next round on
             self._best_at = now  # and progress is judged from there
             return Decision("continue", "", self.throttle)
-        if r.predicted_downtime_ms <= self.policy.max_downtime_ms:
-            return Decision("finalize", f"predicted pause {r.predicted_downtime_ms:.0f} ms fits "
-                            f"{self.policy.max_downtime_ms} ms", self.throttle)
         floor_ms = self.fixed_cost_s * 1000
         slack = max(FLOOR_SLACK_MS, FLOOR_SLACK_SHARE * floor_ms)
+        overdue = now - self.started > self.completion_timeout
+        if r.predicted_downtime_ms <= self.policy.max_downtime_ms and (overdue or not self._still_shrinking(r, slack)):
+            return Decision("finalize", f"predicted pause {r.predicted_downtime_ms:.0f} ms fits "
+                            f"{self.policy.max_downtime_ms} ms", self.throttle)
         if floor_ms + slack > self.policy.max_downtime_ms and r.predicted_downtime_ms - floor_ms <= slack:
             # Memory is no longer what the pause is made of: more rounds cannot shorten it. The
             # floor need not exceed the budget: one that leaves less than the slack for memory
@@ -112,7 +118,7 @@ class Planner:
                             f"dumping and restoring process state alone takes {floor_ms:.0f} ms here, "
                             f"{'over' if floor_ms > self.policy.max_downtime_ms else 'near'} the "
                             f"{self.policy.max_downtime_ms} ms budget", self.throttle)
-        if now - self.started > self.completion_timeout:
+        if overdue:
             return Decision("fail", f"did not converge within the completion timeout "
                             f"({self.completion_timeout:.0f} s for {self.memory_bytes / MIB:.0f} MiB); "
                             f"predicted pause {r.predicted_downtime_ms:.0f} ms > {self.policy.max_downtime_ms} ms"
@@ -133,6 +139,14 @@ class Planner:
             self._stalled = 0
         r.throttle_percent = self.throttle
         return Decision("continue", "", self.throttle)
+
+    def _still_shrinking(self, r: Round, slack_ms: float) -> bool:
+        """Whether another round would likely leave much less to move while frozen: the memory
+        part of the pause is more than the slack, and this round cut what is left to at most
+        SHRINKING of what the round before left (the first round: of all memory)."""
+        memory_ms = r.predicted_downtime_ms - self.fixed_cost_s * 1000
+        before = self.rounds[-2].remaining_bytes if len(self.rounds) >= 2 else self.memory_bytes
+        return memory_ms > slack_ms and r.remaining_bytes <= SHRINKING * before
 
     def _step_throttle(self) -> None:
         self.throttle = THROTTLE_INITIAL if not self.throttle else min(THROTTLE_MAX, self.throttle + THROTTLE_STEP)

@@ -31,6 +31,8 @@ from pathlib import Path
 from .. import cgroupfs, containers, procfs
 from ..checkpoint import criu, lazy
 from ..checkpoint import restore as chain_restore
+from ..images.flat import FlatChain
+from ..images.layer import LayerError
 from ..kernel.pagemap import PAGE_SIZE
 from . import podtarget, transfer
 
@@ -213,6 +215,8 @@ class Target:
         self.active: dict[str, Incoming] = {}
         self.fills: dict[str, Fill | PodFills] = {}  # lazy restores still filling or not yet committed
         self.committed_pods: dict[str, str] = {}  # pod migration id -> source, once committed
+        # migration id -> its chains' pre-copy layers merged as they arrive, by layer-name prefix
+        self.flats: dict[str, dict[str, FlatChain]] = {}
         self.lock = threading.Lock()  # commits, the lease keeper and aborts settle one at a time
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -312,6 +316,22 @@ class Target:
             raise TargetError(f"cannot store layer {layer}: {exc.strerror}", 507) from None
         inc.layers.append(layer)
         self._save(inc)
+        self._flatten(inc, layer)
+
+    def _flatten(self, inc: Incoming, layer: str) -> None:
+        """A pre-copy layer is merged into its chain's flat image; a layer on top of one (the
+        final) is linked to it, so that a restore reads a few small pagemaps, not every round's."""
+        prefix, precopy = _chain_of(layer)
+        flat = self.flats.setdefault(inc.id, {}).setdefault(prefix, FlatChain(inc.dir, prefix))
+        try:
+            if precopy:
+                flat.add(inc.dir / layer)
+            else:
+                flat.relink(inc.dir / layer)
+        except (LayerError, ValueError) as exc:
+            raise TargetError(f"cannot merge layer {layer}: {exc}", 422) from None
+        except OSError as exc:
+            raise TargetError(f"cannot merge layer {layer}: {exc.strerror}", 507) from None
 
     # -- restore, commit, abort ---------------------------------------------------------------
 
@@ -336,7 +356,7 @@ class Target:
         phases: dict[str, float] = {}
         try:
             pid, fill = restore_container(inc.dir / layer, inc.container, lazy_restore_enabled(), phases)
-        except (criu.CriuError, chain_restore.LayerError, containers.ContainerError, OSError) as exc:
+        except (criu.CriuError, LayerError, containers.ContainerError, OSError) as exc:
             raise TargetError(f"restore failed on this node: {exc}", 500) from None
         inc.pid, inc.starttime, inc.state = pid, procfs.read_stat(pid).starttime, "restored"
         if fill is not None:
@@ -396,6 +416,7 @@ class Target:
                 self.abort(inc, fill.failed, keep_outcome=True)
             elif inc.commit_asked:
                 self.fills.pop(inc.id, None)
+                self.flats.pop(inc.id, None)
                 inc.state, inc.fill_seconds = "committed", fill.took if fill else 0.0
                 if inc.pod:  # asked again once its record is gone: 410, not 404 (see get)
                     self.committed_pods = {**dict(list(self.committed_pods.items())[-999:]), inc.id: inc.source}
@@ -421,6 +442,7 @@ class Target:
             self.active.pop(inc.id, None)
 
     def _stop_fill(self, inc: Incoming) -> None:
+        self.flats.pop(inc.id, None)
         fill = self.fills.pop(inc.id, None)
         if fill is not None:  # after the kill: a daemon whose tasks are gone has nothing to do
             fill.stop()
@@ -492,6 +514,15 @@ def _load_state(d: Path) -> Incoming | None:
         return Incoming(**json.loads((d / ".state.json").read_text()))
     except (OSError, ValueError, TypeError):
         return None
+
+
+def _chain_of(layer: str) -> tuple[str, bool]:
+    """(the prefix of the chain's layer names, whether it is a pre-copy layer): `l3` -> ("", True),
+    `final` -> ("", False); a pod's `web.l3` -> ("web.", True), `web` -> ("web.", False)."""
+    head, _, rest = layer.rpartition(".")
+    if re.fullmatch(r"l[0-9]{1,4}", rest):
+        return (f"{head}." if head else ""), True
+    return ("" if layer == "final" else f"{layer}."), False
 
 
 def _check_layer(inc: Incoming, layer: str) -> None:
