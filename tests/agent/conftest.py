@@ -217,14 +217,16 @@ def agent(tmp_path):
         a.kill_if_running()
 
 
-def wait_for(check, timeout: float = 20, every: float = 0.2, what: str = "condition"):
-    """Poll check() until it returns a truthy value; return that value."""
+def wait_for(check, timeout: float = 20, every: float = 0.2, what: str = "condition", explain=None):
+    """Poll check() until it returns a truthy value; return that value. explain(): what to show
+    beside the last value when it times out (the agent's view, say)."""
     deadline = time.monotonic() + timeout
     while True:
         value = check()
         if value:
             return value
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r})")
+            seen = f"; {explain()!r}" if explain else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {value!r}{seen})")
         time.sleep(every)
 

@@ -53,7 +53,9 @@ def test_names_come_from_the_api_and_selection_applies(agent, kubectl, namespace
 
     def cart_rate():
         return a.value("memsnap_dirty_bytes_per_second", container="cart", namespace="shop", pod="cart-0")
-    wait_for(lambda: cart_rate() is not None, timeout=60, what="cart-0 exported under its names")
+    # Another tracker of the node's pods (an agent left running) shows here as reason uffd-in-use.
+    wait_for(lambda: cart_rate() is not None, timeout=60, what="cart-0 exported under its names",
+             explain=lambda: a.pod(cart))
     pods = {p["uid"]: p for p in a.api()["pods"]}
     assert (pods[cart]["namespace"], pods[cart]["name"]) == ("shop", "cart-0")
     # The pod's sandbox (pause) has a cgroup of its own but no name in the API: it keeps its ID.
