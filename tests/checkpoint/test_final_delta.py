@@ -23,15 +23,16 @@ with open(f"/proc/{sys.argv[1]}/mem", "r+b", buffering=0) as m:
         m.seek(info["base"] + page * info["page_size"] + 7)
         m.write(bytes([(i % 250) + 1]))
 """
-# Discards pages of the region inside the workload (madvise(MADV_DONTNEED), injected): they
-# read as zeros from then on, and a restore must not bring their old data back.
-DISCARD = """
+# madvise(ADVICE) on COUNT pages of the region from FIRST, inside the workload (injected).
+# MADV_DONTNEED discards: the pages read as zeros from then on, and a restore must not bring
+# their old data back.
+ADVISE = """
 import json, sys
 from memsnap import remote
 info = json.load(open(sys.argv[2]))
 with remote.Session(int(sys.argv[1])) as s:
     addr = info["base"] + int(sys.argv[3]) * info["page_size"]
-    assert s.call("madvise", addr, int(sys.argv[4]) * info["page_size"], 4) == 0
+    assert s.call("madvise", addr, int(sys.argv[4]) * info["page_size"], int(sys.argv[5])) == 0
 """
 # Region pages (numbers) that a layer's pagemap holds data for.
 HELD = """
@@ -61,6 +62,7 @@ try:
 except RuntimeError as exc:
     print(exc)
 """
+MADV_DONTNEED, MADV_DONTFORK = 4, 10
 
 
 def poke(w, pages: list[int]) -> None:
@@ -80,7 +82,7 @@ def test_criu_writes_only_the_pages_written_since_the_last_layer(wl):
     checkpoint(w.pid, "l3", "l2")  # the last churned pages
     written = sorted({(i * 37) % 16384 for i in range(300)})  # pages 0..11063
     poke(w, written)
-    sh(f"python3 -c '{DISCARD}' {w.pid} {w.info_path} 16000 64")  # held by the chain until now
+    sh(f"python3 -c '{ADVISE}' {w.pid} {w.info_path} 16000 64 {MADV_DONTNEED}")  # held by the chain until now
     before = w.region_hash()
     final = checkpoint(w.pid, "final", "l3", final=True)
     assert final["kind"] == "final"
@@ -123,3 +125,36 @@ def test_a_failed_hand_over_stops_the_waiting_criu_and_thaws_the_workload(wl):
     first = w.region_hash()
     time.sleep(0.3)
     assert w.region_hash() != first  # still churning: thawed, not frozen
+
+# The VmFlags of the mappings that cover the region: [[first page, end page, flags], ...],
+# without the tracker's userfaultfd registration (um, uw), which is not the workload's.
+REGION_FLAGS = """
+import json, sys
+from memsnap import procfs
+info = json.load(open(sys.argv[2]))
+base, end, ps = info["base"], info["base"] + info["size"], info["page_size"]
+print(json.dumps([[(max(m.start, base) - base) // ps, (min(m.end, end) - base) // ps, sorted(f - {"um", "uw"})]
+                  for m, f in procfs.read_vmflags(int(sys.argv[1])) if m.start < end and m.end > base]))
+"""
+
+
+def region_flags(w, pid: int | None = None) -> list:
+    return json.loads(sh(f"python3 -c '{REGION_FLAGS}' {pid or w.pid} {w.info_path}").stdout)
+
+
+def test_vma_flags_read_before_the_freeze_come_back_after_restore(wl):
+    """CRIU (patch 0009) takes VMA flags from the file memsnap wrote before the freeze, not
+    from smaps while frozen: the restored workload has them all the same."""
+    w = wl(mib=16, churn=500)
+    checkpoint(w.pid, "l1")
+    sh(f"python3 -c '{ADVISE}' {w.pid} {w.info_path} 64 128 {MADV_DONTFORK}")
+    w.stop_churn()
+    flags = region_flags(w)
+    assert [[first, end] for first, end, f in flags if "dc" in f] == [[64, 192]]
+    before = w.region_hash()
+    checkpoint(w.pid, "final", "l1", final=True)
+    manifest = json.loads(sh(f"cat {BASE}/final/memsnap-layer.json").stdout)
+    assert manifest["vma_flags"] == "read before the freeze"
+    restored = json.loads(memsnap("restore", "--dir", f"{BASE}/final").stdout)
+    assert region_flags(w, restored["pid"]) == flags
+    assert w.region_hash(restored["pid"]) == before

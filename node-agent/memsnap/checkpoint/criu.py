@@ -36,7 +36,8 @@ def dump(pid: int, directory: Path, freeze_cgroup: Path | None, leave_running: b
 
 
 def dump_tracked(pid: int, directory: Path, parent_rel: str, freeze_cgroup: Path,
-                 when_ready: Callable[[], None]) -> None:
+                 when_ready: Callable[[], None], vmflags_dir: Path | None = None,
+                 meanwhile: Callable[[], None] | None = None) -> None:
     """Dump against a parent, taking dirty bits from the uffd-wp protection a tracker keeps
     (memsnap's CRIU, node-agent/criu/patches/0002): only pages written since the parent.
 
@@ -44,15 +45,21 @@ def dump_tracked(pid: int, directory: Path, parent_rel: str, freeze_cgroup: Path
     probes: ~30 ms that do not depend on the tasks), its pre-dump action calls back and
     when_ready() freezes the tree and hands the tracking over; then CRIU dumps. If when_ready
     raises, CRIU is told to give up and the error goes on. The tree is left frozen
-    (--leave-running on a frozen cgroup): the caller ends or thaws it."""
+    (--leave-running on a frozen cgroup): the caller ends or thaws it. meanwhile() runs while
+    CRIU sets itself up; vmflags_dir holds VMA flags read before the freeze (patch 0009,
+    checkpoint/vmflags.py)."""
     # -v2 (errors and warnings): at -v4 CRIU logs a line per run of pages, while frozen.
     args = ["dump", "-t", str(pid), "-D", str(directory), "-o", "dump.log", "-v2",
             "--track-mem-uffd", "--prev-images-dir", parent_rel, "--freeze-cgroup", str(freeze_cgroup),
             "--leave-running"]
+    if vmflags_dir is not None:
+        args += ["--vmflags-dir", str(vmflags_dir)]
     with _PreDumpHandshake() as hook:
         proc = subprocess.Popen([binary(), *args, "--action-script", hook.script],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
+            if meanwhile is not None:
+                meanwhile()
             ready = hook.wait_ready(proc)
             if ready:
                 try:
@@ -123,11 +130,20 @@ class _PreDumpHandshake:
             os.close(fd)
 
 
-@functools.cache
 def has_uffd_tracking() -> bool:
     """Whether this CRIU takes dirty bits from uffd-wp (--track-mem-uffd)."""
+    return "--track-mem-uffd" in _help()
+
+
+def has_vmflags_dir() -> bool:
+    """Whether this CRIU takes VMA flags read before the freeze (--vmflags-dir, patch 0009)."""
+    return "--vmflags-dir" in _help()
+
+
+@functools.cache
+def _help() -> str:
     result = subprocess.run([binary(), "--help"], capture_output=True, text=True)
-    return "--track-mem-uffd" in result.stdout + result.stderr
+    return result.stdout + result.stderr
 
 
 def dump_stats(directory: Path) -> dict[str, int]:

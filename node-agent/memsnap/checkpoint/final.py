@@ -30,6 +30,7 @@ from . import criu
 from .freezer import Freezer, own_cgroup
 from .layers import described_in
 from .layers import entries as layer_entries
+from .vmflags import EarlyVmFlags
 
 
 def write(root: int, target: Path, parent: Path | None, selection: VmaSelection = VmaSelection(),
@@ -113,16 +114,21 @@ def _dump_delta(dump: _Dump, out: LayerWriter, parent: Path, trackers: dict[int,
     for pid, t in trackers.items():
         t.prepare_hand_over(holds[pid])  # while it runs: what is left for the freeze is small
     clock: _Phases | None = None
+    with EarlyVmFlags(sorted(trackers)) as flags:
+        early: list[int] = []
 
-    def freeze_and_hand_over() -> None:  # CRIU is set up and waits for this
-        nonlocal clock
-        clock = dump.freeze()
-        for pid, t in trackers.items():
-            t.hand_over(holds[pid])
-        clock.mark("collect")
+        def freeze_and_hand_over() -> None:  # CRIU is set up and waits for this
+            nonlocal clock, early
+            clock = dump.freeze()
+            early = flags.settle()
+            for pid, t in trackers.items():
+                t.hand_over(holds[pid])
+            clock.mark("collect")
 
-    criu.dump_tracked(dump.root, out.dir, rel, dump.freezer.path, freeze_and_hand_over)
-    clock.mark("criu dump")
+        use_flags = criu.has_vmflags_dir()
+        criu.dump_tracked(dump.root, out.dir, rel, dump.freezer.path, freeze_and_hand_over,
+                          flags.dir if use_flags else None, flags.read if use_flags else None)
+        clock.mark("criu dump")
     frozen_for = clock.total()
     clock.split("criu dump", _memory_seconds(out.dir), "criu state dump", "memory delta")
     written = sum(t.written().pages for t in trackers.values())  # still frozen, past the dump
@@ -135,7 +141,8 @@ def _dump_delta(dump: _Dump, out: LayerWriter, parent: Path, trackers: dict[int,
                         "the parent, and in-parent entries for the rest",
                     phases=clock.phases,
                     dirty_pages={"tracker": written,
-                                 "criu_in_tracked": written_tracked})
+                                 "criu_in_tracked": written_tracked},
+                    vma_flags=flags.describe(list(trackers), early))
 
 
 def _dump_whole(dump: _Dump, pids: list[int], out: LayerWriter, parent: Path | None,

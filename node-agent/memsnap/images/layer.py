@@ -39,6 +39,7 @@ class Manifest:
     how: str = ""  # final layers: how the delta was made
     phases: dict[str, float] = field(default_factory=dict)  # final layers: seconds per step
     dirty_pages: dict[str, int] = field(default_factory=dict)  # final layers: written pages, as the tracker and CRIU saw them
+    vma_flags: str = ""  # final layers by CRIU: where CRIU took VMA flags from (checkpoint/vmflags.py)
     format: str = FORMAT
 
     def to_json(self) -> str:

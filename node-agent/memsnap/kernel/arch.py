@@ -55,7 +55,10 @@ X86_64 = Arch(
     name="x86_64",
     syscall_insn=b"\x0f\x05",
     nr={"close": 3, "kcmp": 312, "userfaultfd": 323, "pidfd_open": 434, "pidfd_getfd": 438,
-        "process_madvise": 440, "process_vm_readv": 310, "pivot_root": 155, "madvise": 28},
+        "process_madvise": 440, "process_vm_readv": 310, "pivot_root": 155, "madvise": 28,
+        "perf_event_open": 298, "mmap": 9, "munmap": 11, "brk": 12, "mremap": 25, "shmat": 30,
+        "shmdt": 67, "execve": 59, "execveat": 322, "mlock": 149, "munlock": 150, "mlockall": 151,
+        "munlockall": 152, "mlock2": 325, "prctl": 157, "remap_file_pages": 216},
     regs_type=UserRegsX86_64,
 )
 
@@ -63,7 +66,10 @@ AARCH64 = Arch(
     name="aarch64",
     syscall_insn=(0xD4000001).to_bytes(4, "little"),  # svc #0
     nr={"close": 57, "kcmp": 272, "userfaultfd": 282, "pidfd_open": 434, "pidfd_getfd": 438,
-        "process_madvise": 440, "process_vm_readv": 270, "pivot_root": 41, "madvise": 233},
+        "process_madvise": 440, "process_vm_readv": 270, "pivot_root": 41, "madvise": 233,
+        "perf_event_open": 241, "mmap": 222, "munmap": 215, "brk": 214, "mremap": 216, "shmat": 196,
+        "shmdt": 197, "execve": 221, "execveat": 281, "mlock": 228, "munlock": 229, "mlockall": 230,
+        "munlockall": 231, "mlock2": 284, "prctl": 167, "remap_file_pages": 234},
     regs_type=None,
 )
 

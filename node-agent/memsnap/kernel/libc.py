@@ -33,8 +33,26 @@ def ioctl(fd: int, request: int, arg: ctypes.Structure | ctypes.Array, what: str
     return check(libc.ioctl(fd, request, ctypes.addressof(arg)), what)
 
 
+def mount(source: str | None, target: str | os.PathLike, fstype: str | None, flags: int = 0,
+          data: str | None = None) -> None:
+    enc = lambda s: None if s is None else str(s).encode()  # noqa: E731
+    check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
+          f"mount {fstype or source} on {target}")
+
+
+MNT_DETACH = 0x2
+
+
+def umount(target: str | os.PathLike, flags: int = 0) -> None:
+    check(libc.umount2(str(target).encode(), ctypes.c_int(flags)), f"umount {target}")
+
+
 def _ioc(direction: int, kind: int, nr: int, size: int) -> int:
     return (direction << 30) | (size << 16) | (kind << 8) | nr
+
+
+def iow(kind: int, nr: int, size: int) -> int:
+    return _ioc(1, kind, nr, size)
 
 
 def iowr(kind: int, nr: int, size: int) -> int:

@@ -14,12 +14,16 @@ per-process event sequence numbers: see ``SeqCheck``.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import re
 import struct
+import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import libc
 
 TRACEFS = Path("/sys/kernel/tracing")
 SYSTEM = "memsnap"
@@ -294,3 +298,19 @@ def remove_instance(name: str = DEFAULT_INSTANCE, tracefs: Path = TRACEFS) -> No
         Instance(name, tracefs).remove()
 
 
+
+
+@functools.cache
+def event_id(system: str, name: str) -> int:
+    """A trace event's id, for perf_event_open. From the mounted tracefs, or else (a node's agent
+    sees none) from a private mount made for the lookup and removed at once. Raises OSError
+    when the kernel has no such event."""
+    mounted = TRACEFS / "events" / system / name / "id"
+    if mounted.exists():
+        return int(mounted.read_text())
+    with tempfile.TemporaryDirectory(prefix="memsnap-tracefs-") as where:
+        libc.mount("tracefs", where, "tracefs")
+        try:
+            return int((Path(where) / "events" / system / name / "id").read_text())
+        finally:
+            libc.umount(where, libc.MNT_DETACH)

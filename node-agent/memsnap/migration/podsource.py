@@ -36,6 +36,7 @@ import aiohttp
 from .. import cgroupfs, procfs
 from ..checkpoint import criu, precopy
 from ..checkpoint.layers import described_in
+from ..checkpoint.vmflags import EarlyVmFlags
 from ..images import criu_format as cf
 from ..images.layer import LayerWriter, Manifest, read_manifest
 from ..tracking import TrackingError, VmaSelection, registry
@@ -105,6 +106,8 @@ class PodMigration:
         self.final_how: dict[str, str] = {}  # container -> how its final image was made
         self.lazy_bytes = 0  # what the target's restore left to its background fill
         self.fill_seconds: float | None = None
+        self.vmflags: EarlyVmFlags | None = None  # read before the freeze, for CRIU
+        self.vmflags_kept: list[int] = []  # the pids whose flags still held at the freeze
 
     def status(self) -> dict:
         return {"id": self.req.id, "phase": self.phase, "iterations": self.iterations,
@@ -209,18 +212,24 @@ class PodMigration:
     async def _finalize(self) -> None:
         self.phase = "Finalizing"
         await asyncio.to_thread(self._prepare_tracking)
-        began = time.monotonic()
-        await asyncio.to_thread(self._freeze)
-        self.frozen_at = time.monotonic()
-        self.pause_phases["freeze"] = _ms(self.frozen_at - began)
-        for c in self.containers:
-            t = time.monotonic()
-            layer = await asyncio.to_thread(self._checkpoint, c)
-            self.pause_phases[f"checkpoint {c.name}"] = _ms(time.monotonic() - t)
-            t = time.monotonic()
-            sent = await transfer.send_layer(self.session, self.req.base_url, layer, self.limiter)
-            self.transferred += sent.bytes
-            self.pause_phases[f"transfer {c.name}"] = _ms(time.monotonic() - t)
+        self.vmflags = EarlyVmFlags([p for c in self.containers for p in self.trackers.get(c.name, {})], self.out)
+        try:
+            await asyncio.to_thread(self.vmflags.read)
+            began = time.monotonic()
+            await asyncio.to_thread(self._freeze)
+            self.vmflags_kept = self.vmflags.settle()
+            self.frozen_at = time.monotonic()
+            self.pause_phases["freeze"] = _ms(self.frozen_at - began)
+            for c in self.containers:
+                t = time.monotonic()
+                layer = await asyncio.to_thread(self._checkpoint, c)
+                self.pause_phases[f"checkpoint {c.name}"] = _ms(time.monotonic() - t)
+                t = time.monotonic()
+                sent = await transfer.send_layer(self.session, self.req.base_url, layer, self.limiter)
+                self.transferred += sent.bytes
+                self.pause_phases[f"transfer {c.name}"] = _ms(time.monotonic() - t)
+        finally:
+            self.vmflags.close()
 
     def _prepare_tracking(self) -> None:
         """Before the freeze (it needs the tasks running): the pre-copy trackers take back the
@@ -284,10 +293,11 @@ class PodMigration:
                 if delta:
                     for pid, t in trackers.items():
                         t.hand_over(described_in(parent, ids[pid]))
-                    podruntime.checkpoint(c, out.dir, work, parent, ["track-mem-uffd"])
+                    podruntime.checkpoint(c, out.dir, work, parent, ["track-mem-uffd", *self.vmflags.criu_options()])
                     written = sum(t.written().pages for t in trackers.values())
                     how = ("runc checkpoint --leave-running --parent-path, CRIU --track-mem-uffd: only the "
-                           f"pages written since {parent.name} ({written} seen by the tracker)")
+                           f"pages written since {parent.name} ({written} seen by the tracker); VMA flags "
+                           f"{self.vmflags.describe(pids, self.vmflags_kept)}")
                 else:
                     self._release_tracking(c.name)
                     podruntime.checkpoint(c, out.dir, work, None)

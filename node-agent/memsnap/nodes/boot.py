@@ -19,6 +19,7 @@ from pathlib import Path
 from memsnap.kernel.arch import ARCH
 from memsnap.kernel.libc import check as _check
 from memsnap.kernel.libc import libc as _libc
+from memsnap.kernel.libc import mount
 from memsnap.nodes import cgroups
 
 CLONE_NEWNS = 0x00020000
@@ -43,12 +44,6 @@ NODE_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bi
 
 # Character devices of the node's /dev: name -> (major, minor).
 DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
-
-def mount(source: str | None, target: str | Path, fstype: str | None, flags: int = 0, data: str | None = None) -> None:
-    enc = lambda s: None if s is None else str(s).encode()  # noqa: E731
-    _check(_libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
-           f"mount {fstype or source} on {target}")
-
 
 def unshare(flags: int) -> None:
     _check(_libc.unshare(ctypes.c_int(flags)), "unshare")

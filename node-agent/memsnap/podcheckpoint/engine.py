@@ -27,6 +27,7 @@ from pathlib import Path
 from .. import cgroupfs, procfs
 from ..checkpoint import criu, precopy
 from ..checkpoint.layers import described_in
+from ..checkpoint.vmflags import EarlyVmFlags
 from ..images.layer import LayerWriter, Manifest
 from ..migration import podruntime
 from ..migration.podruntime import PodContainer
@@ -146,20 +147,28 @@ class PodChain:
         freezers = [podruntime.freezer(c) for c in containers]
         self._record(containers, freezers)  # before freezing: a dead agent's successor thaws them
         hows: dict[str, str] = {}
-        began = time.monotonic()
+        tracked = [pid for c in containers if c.name in self.tracked for pid in self.tracked[c.name].trackers]
+        flags = EarlyVmFlags(tracked, staging)
         try:
-            for f in freezers:
-                f.freeze()
-            for c in containers:
-                hows[c.name] = self._dump(c, staging, parents[c.name], pack=c is containers[0])
+            flags.read()
+            began = time.monotonic()
+            try:
+                for f in freezers:
+                    f.freeze()
+                kept = flags.settle()
+                for c in containers:
+                    hows[c.name] = self._dump(c, staging, parents[c.name], c is containers[0], flags, kept)
+            finally:
+                for f in freezers:
+                    f.thaw()
+                pause = time.monotonic() - began
+                self._record(containers, [])
         finally:
-            for f in freezers:
-                f.thaw()
-            pause = time.monotonic() - began
-            self._record(containers, [])
+            flags.close()
         return hows, pause
 
-    def _dump(self, c: PodContainer, staging: Path, parent: Path | None, pack: bool) -> str:
+    def _dump(self, c: PodContainer, staging: Path, parent: Path | None, pack: bool,
+              flags: EarlyVmFlags, kept: list[int]) -> str:
         """runc checkpoint of the frozen container against parent: only what was written since
         when every task the parent names is tracked (uffd-wp), else every page (and the
         container's tracking starts over at the next checkpoint)."""
@@ -178,11 +187,12 @@ class PodChain:
             if delta:
                 for pid, tr in t.trackers.items():
                     tr.hand_over(described_in(parent, ids[pid]))
-                podruntime.checkpoint(c, out.dir, work, parent, ["track-mem-uffd"])
+                podruntime.checkpoint(c, out.dir, work, parent, ["track-mem-uffd", *flags.criu_options()])
                 written = sum(tr.written().pages for tr in t.trackers.values())
                 for tr in t.trackers.values():
                     tr.collect()  # re-protect while frozen: the next dump sees every write from now
-                how = f"delta on {_rel(parent)} (CRIU --track-mem-uffd; {written} pages written since)"
+                how = (f"delta on {_rel(parent)} (CRIU --track-mem-uffd; {written} pages written since; "
+                       f"VMA flags {flags.describe(pids, kept)})")
             else:
                 self._release(c.name)
                 podruntime.checkpoint(c, out.dir, work, None)
