@@ -41,6 +41,7 @@ def test_migrate_moves_a_workload_with_its_memory_exact(ticker):
     phases = set(done["pause_phases"])
     assert {"freeze", "collect", "memory delta", "transfer", "restore", "until running"} <= phases, phases
     assert phases & {"criu dump", "criu state dump"}, phases
+    assert done["vma_flags"] == "read before the freeze"  # CRIU walked no page table for them
     for r in rounds:
         assert {"iteration", "bytes_sent", "dirty_pages", "dirty_rate", "bandwidth", "predicted_downtime_ms"} <= set(r)
     source_pid = t.pid

@@ -194,7 +194,7 @@ class SourceMigration:
         _record_fixed_cost(m.phases, restored)
         return {"event": "done", "target_node": self.req.target, "target_pid": restored["pid"],
                 "downtime_ms": round(downtime * 1000, 1), "final_layer_bytes": sent.bytes,
-                "pause_phases": {k: round(v * 1000, 1) for k, v in pause.items()},
+                "pause_phases": {k: round(v * 1000, 1) for k, v in pause.items()}, "vma_flags": m.vma_flags,
                 "lazy_pages": restored.get("lazy_pages", 0), "fill_seconds": committed.get("fill_seconds"),
                 "restore_phases": {k: round(v * 1000, 1) for k, v in restored.get("restore_phases", {}).items()}}
 
