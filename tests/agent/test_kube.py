@@ -5,6 +5,8 @@ The host sees every node's pod cgroups; the agent names only node-1's (its watch
 spec.nodeName=node-1), so node-2's pod stays known by UID with reason no-metadata."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import yaml
 
@@ -23,6 +25,30 @@ def labelled(name: str, namespace: str, node: str, labels: dict, container: str)
     manifest["metadata"].update(namespace=namespace, labels=labels, annotations={"memsnap.io/track": "true"})
     manifest["spec"]["containers"][0]["name"] = container
     return manifest
+
+
+@pytest.fixture(scope="module", autouse=True)
+def the_only_agent_of_the_node(kubectl):
+    """The chart's DaemonSet runs an agent in every node, and it would track node-1's annotated
+    pods too: the first tracker of a pod holds its userfaultfd, and the other sees uffd-in-use.
+    For this module, the DaemonSet keeps off node-1 (a node affinity), then comes back."""
+    from memsnap.cluster import chart
+    ds = ["-n", chart.NAMESPACE, "daemonset", chart.AGENT_DAEMONSET]
+    if kubectl("get", *ds, check=False).returncode != 0:
+        yield  # a bare cluster: the nodes' own agents track nothing unless asked
+        return
+    away = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "NotIn", "values": [NODE]}]}]}}}
+    kubectl("patch", *ds, "--type=merge", "-p", json.dumps({"spec": {"template": {"spec": {"affinity": away}}}}))
+    try:
+        kubectl("rollout", "status", *ds[2:], "-n", chart.NAMESPACE, "--timeout=240s", timeout=300)
+        kubectl.wait_for(lambda: not [p for p in kubectl.json("get", "pods", "-n", chart.NAMESPACE, "-o", "json")["items"]
+                                      if p["spec"].get("nodeName") == NODE and "agent" in p["metadata"]["name"]],
+                         f"the chart's agent gone from {NODE}", 240)
+        yield
+    finally:
+        kubectl("patch", *ds, "--type=json", "-p", '[{"op": "remove", "path": "/spec/template/spec/affinity"}]')
+        kubectl("rollout", "status", *ds[2:], "-n", chart.NAMESPACE, "--timeout=240s", timeout=300)
 
 
 @pytest.fixture

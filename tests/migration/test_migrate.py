@@ -39,7 +39,7 @@ def test_migrate_moves_a_workload_with_its_memory_exact(ticker):
         assert key in done, key
     assert done["transferred_bytes"] >= 64 << 20 and done["converged"]
     phases = set(done["pause_phases"])
-    assert {"freeze", "collect", "memory delta", "transfer", "restore", "until running"} <= phases, phases
+    assert {"freeze", "collect", "memory delta", "transfer", "merge", "restore", "until running"} <= phases, phases
     assert phases & {"criu dump", "criu state dump"}, phases
     assert done["vma_flags"] == "read before the freeze"  # CRIU walked no page table for them
     for r in rounds:

@@ -40,6 +40,7 @@ from ..checkpoint.vmflags import EarlyVmFlags
 from ..images import criu_format as cf
 from ..images.layer import LayerWriter, Manifest, read_manifest
 from ..tracking import TrackingError, VmaSelection, registry
+from ..tracking.base import TargetGone
 from ..tracking.uffd_wp import UffdWp
 from . import podruntime, transfer
 from .planner import Planner, Policy, Round
@@ -244,6 +245,9 @@ class PodMigration:
                     continue
                 try:
                     trackers[pid] = registry.resume(pid, VmaSelection())
+                except TargetGone:
+                    if pid == c.pid:
+                        raise
                 except (TrackingError, OSError):
                     if pid == c.pid or procfs.alive(pid):
                         raise

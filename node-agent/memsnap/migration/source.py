@@ -186,6 +186,9 @@ class SourceMigration:
         t = time.monotonic()
         restored = await _call(self.session, "POST", f"{self.req.base_url}/restore", {"layer": "final"})
         running_at = time.monotonic()
+        # The target merged the final layer into its flat image as the layer's commit arrived.
+        pause["merge"] = restored.get("merge_seconds", 0.0)
+        pause["transfer"] = round(max(0.0, pause["transfer"] - pause["merge"]), 6)
         pause["restore"] = restored.get("restore_seconds", 0.0)
         pause["until running"] = round(running_at - t - pause["restore"], 6)
         committed = await self._commit(restored.get("lazy_pages", 0) * PAGE_SIZE)

@@ -217,6 +217,7 @@ class Target:
         self.committed_pods: dict[str, str] = {}  # pod migration id -> source, once committed
         # migration id -> its chains' pre-copy layers merged as they arrive, by layer-name prefix
         self.flats: dict[str, dict[str, FlatChain]] = {}
+        self.merge_seconds: dict[tuple[str, str], float] = {}  # (migration, layer) -> its merge, for the pause's account
         self.lock = threading.Lock()  # commits, the lease keeper and aborts settle one at a time
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -323,11 +324,13 @@ class Target:
         final) is linked to it, so that a restore reads a few small pagemaps, not every round's."""
         prefix, precopy = _chain_of(layer)
         flat = self.flats.setdefault(inc.id, {}).setdefault(prefix, FlatChain(inc.dir, prefix))
+        began = time.monotonic()
         try:
             if precopy:
                 flat.add(inc.dir / layer)
             else:
                 flat.relink(inc.dir / layer)
+                self.merge_seconds[(inc.id, layer)] = round(time.monotonic() - began, 6)
         except (LayerError, ValueError) as exc:
             raise TargetError(f"cannot merge layer {layer}: {exc}", 422) from None
         except OSError as exc:
@@ -371,6 +374,7 @@ class Target:
         if inc.container:
             containers.save(containers.Container(inc.container, pid, inc.starttime, inc.argv, "/dev/null"))
         return {"pid": pid, "restore_seconds": round(restored_at - began, 6), "restore_phases": phases,
+                "merge_seconds": self.merge_seconds.pop((inc.id, layer), 0.0),
                 "confirm_seconds": round(time.monotonic() - restored_at, 6),
                 "lazy": fill is not None, "lazy_pages": fill.lazy_pages if fill else 0}
 
@@ -443,6 +447,8 @@ class Target:
 
     def _stop_fill(self, inc: Incoming) -> None:
         self.flats.pop(inc.id, None)
+        for key in [k for k in self.merge_seconds if k[0] == inc.id]:
+            del self.merge_seconds[key]
         fill = self.fills.pop(inc.id, None)
         if fill is not None:  # after the kill: a daemon whose tasks are gone has nothing to do
             fill.stop()

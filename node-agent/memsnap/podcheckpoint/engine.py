@@ -34,6 +34,7 @@ from ..migration.podruntime import PodContainer
 from ..migration.podsource import _parent_tasks_tracked
 from ..migration.source import _restore_source
 from ..tracking import TrackingError, VmaSelection, registry
+from ..tracking.base import TargetGone
 from ..tracking.uffd_wp import UffdWp
 from . import store
 
@@ -132,6 +133,10 @@ class PodChain:
             if registry.parked_backend(pid):
                 try:
                     tracker = registry.resume(pid, VmaSelection())
+                except TargetGone:
+                    if pid == c.pid:
+                        raise
+                    continue
                 except (TrackingError, OSError):
                     if pid == c.pid or procfs.alive(pid):
                         raise

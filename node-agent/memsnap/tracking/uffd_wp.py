@@ -16,7 +16,7 @@ from ..kernel import pagemap, pidfd, seccomp, userfaultfd as uffd
 from ..kernel.pagemap import (PAGE_IS_PFNZERO, PAGE_IS_PRESENT, PAGE_IS_SWAPPED, PAGE_IS_WRITTEN, PAGE_SIZE,
                               PM_SCAN_CHECK_WPASYNC, PM_SCAN_WP_MATCHING)
 from ..procfs import Mapping
-from .base import Availability, Backend, ProcessSample, TrackingError
+from .base import Availability, Backend, ProcessSample, TargetGone, TrackingError
 from .pages import PageRanges
 from .state import Claim, TargetState
 from .vmas import VmaEvent, VmaSelection, ranges_of
@@ -362,16 +362,32 @@ def release_stale(state: TargetState) -> None:
 
 
 def _dup_target_fd(pid: int, target_fd: int) -> int:
+    """Our own descriptor of the userfaultfd the target holds as target_fd. TargetGone when the
+    target exited, or is exiting: its descriptors are closed before it becomes a zombie."""
     if procfs.fd_target(pid, target_fd) != UFFD_LINK:
+        if not _has_fds(pid):
+            raise TargetGone(f"pid {pid} exited or is exiting (its descriptors are gone)")
         raise TrackingError(f"pid {pid}'s fd {target_fd} is no longer a userfaultfd")
-    pfd = pidfd.pidfd_open(pid)
+    try:
+        pfd = pidfd.pidfd_open(pid)
+    except ProcessLookupError:
+        raise TargetGone(f"pid {pid} exited") from None
     try:
         return pidfd.pidfd_getfd(pfd, target_fd)
     except PermissionError:
         raise TrackingError(f"not permitted to take pid {pid}'s fd (pidfd_getfd): needs root "
                             "or CAP_SYS_PTRACE") from None
+    except ProcessLookupError:
+        raise TargetGone(f"pid {pid} exited") from None
     finally:
         os.close(pfd)
+
+
+def _has_fds(pid: int) -> bool:
+    try:
+        return bool(os.listdir(f"/proc/{pid}/fd"))
+    except (FileNotFoundError, ProcessLookupError):
+        return False
 
 
 def _same_file(pid1: int, fd1: int, pid2: int, fd2: int) -> bool:
