@@ -191,9 +191,14 @@ class UffdWp(Backend):
 
     def _written(self, start: int, end: int) -> PageRanges:
         """Written pages with data in [start, end), as CRIU counts them (never-populated pages
-        read as written once unprotected; the zero page holds nothing), not re-protected."""
-        return PageRanges((s, e) for s, e, _ in self._scanner.scan(
-            start, end, category_mask=PAGE_IS_WRITTEN | PAGE_IS_PFNZERO, inverted=PAGE_IS_PFNZERO,
+        read as written once unprotected; the zero page holds nothing), not re-protected.
+        First "written" alone, which the kernel answers by testing one pte bit a page (~0.4 ns
+        against ~16 for the full question); it also reports pages without data, so the full
+        question is asked over what it reports, usually a small part of memory."""
+        candidates = list(self._scanner.scan(start, end, category_mask=PAGE_IS_WRITTEN,
+                                             return_mask=PAGE_IS_WRITTEN))  # one vec: read it all first
+        return PageRanges((s, e) for cs, ce, _ in candidates for s, e, _ in self._scanner.scan(
+            cs, ce, category_mask=PAGE_IS_WRITTEN | PAGE_IS_PFNZERO, inverted=PAGE_IS_PFNZERO,
             anyof_mask=PAGE_IS_PRESENT | PAGE_IS_SWAPPED, return_mask=PAGE_IS_WRITTEN))
 
     def park(self, pending: PageRanges = PageRanges()) -> None:
