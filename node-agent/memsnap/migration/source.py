@@ -195,7 +195,9 @@ class SourceMigration:
         await self._end_source()
         downtime = running_at - frozen_at
         _record_fixed_cost(m.phases, restored)
+        wall = time.time() - time.monotonic()  # when, for matching the pause with the workload's own records
         return {"event": "done", "target_node": self.req.target, "target_pid": restored["pid"],
+                "frozen_at": round(frozen_at + wall, 3), "running_at": round(running_at + wall, 3),
                 "downtime_ms": round(downtime * 1000, 1), "final_layer_bytes": sent.bytes,
                 "pause_phases": {k: round(v * 1000, 1) for k, v in pause.items()}, "vma_flags": m.vma_flags,
                 "lazy_pages": restored.get("lazy_pages", 0), "fill_seconds": committed.get("fill_seconds"),
