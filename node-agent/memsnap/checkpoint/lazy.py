@@ -9,6 +9,7 @@ hugetlb, not vDSO/vvar/vsyscall), never the page a thread's stack pointer is in.
 """
 from __future__ import annotations
 
+import bisect
 from pathlib import Path
 
 from ..images import criu_format as cf
@@ -60,28 +61,32 @@ def _can_be_lazy(flags: int, status: int) -> bool:
 def _split_and_flag(entries, lazy: list[tuple[int, int]]):
     """Entries with every in-parent part that lies in a lazy range flagged PE_LAZY."""
     out, flagged = [], 0
+    lazy = sorted(lazy)
+    ends = [hi for _, hi in lazy]
     for vaddr, nr, flags in entries:
         if not flags & cf.PE_PARENT or flags & cf.PE_LAZY:
             out.append((vaddr, nr, flags))
             continue
-        for start, end, is_lazy in _cut(vaddr, vaddr + nr * PAGE_SIZE, lazy):
+        for start, end, is_lazy in _cut(vaddr, vaddr + nr * PAGE_SIZE, lazy, ends):
             pages = (end - start) // PAGE_SIZE
             out.append((start, pages, flags | cf.PE_LAZY if is_lazy else flags))
             flagged += pages if is_lazy else 0
     return out, flagged
 
 
-def _cut(start: int, end: int, lazy: list[tuple[int, int]]):
-    """[start, end) as consecutive (start, end, inside a lazy range) pieces."""
+def _cut(start: int, end: int, lazy: list[tuple[int, int]], ends: list[int]):
+    """[start, end) as consecutive (start, end, inside a lazy range) pieces; lazy is sorted
+    and disjoint, ends its ends: the first range that can overlap is found by bisection (a
+    top layer has an entry per run of written pages, thousands at 4 GiB)."""
     pos = start
-    for lo, hi in lazy:
-        lo, hi = max(lo, start), min(hi, end)
-        if lo >= hi:
-            continue
+    i = bisect.bisect_right(ends, start)
+    while i < len(lazy) and lazy[i][0] < end:
+        lo, hi = max(lazy[i][0], start), min(lazy[i][1], end)
         if pos < lo:
             yield pos, lo, False
         yield lo, hi, True
         pos = hi
+        i += 1
     if pos < end:
         yield pos, end, False
 

@@ -172,7 +172,7 @@ class SourceMigration:
         t0 = time.monotonic()
         parent = self.layers[-1] if self.layers else None  # none: stop-and-copy
         layer = await self._blocking(final.write, self.root, self.out / "final", parent,
-                                     VmaSelection(), True, lambda: marks.setdefault("frozen", time.monotonic()),
+                                     VmaSelection(), True, lambda: marks.update(frozen=time.monotonic(), frozen_wall=time.time()),
                                      self.untrack, False)
         frozen_at = marks.get("frozen", t0)
         m = read_manifest(layer)
@@ -185,7 +185,7 @@ class SourceMigration:
         self._check_wanted()
         t = time.monotonic()
         restored = await _call(self.session, "POST", f"{self.req.base_url}/restore", {"layer": "final"})
-        running_at = time.monotonic()
+        running_at, running_wall = time.monotonic(), time.time()
         # The target merged the final layer into its flat image as the layer's commit arrived.
         pause["merge"] = restored.get("merge_seconds", 0.0)
         pause["transfer"] = round(max(0.0, pause["transfer"] - pause["merge"]), 6)
@@ -195,9 +195,9 @@ class SourceMigration:
         await self._end_source()
         downtime = running_at - frozen_at
         _record_fixed_cost(m.phases, restored)
-        wall = time.time() - time.monotonic()  # when, for matching the pause with the workload's own records
         return {"event": "done", "target_node": self.req.target, "target_pid": restored["pid"],
-                "frozen_at": round(frozen_at + wall, 3), "running_at": round(running_at + wall, 3),
+                # wall clock: to match the pause with the workload's own records
+                "frozen_at": round(marks.get("frozen_wall", 0.0), 4), "running_at": round(running_wall, 4),
                 "downtime_ms": round(downtime * 1000, 1), "final_layer_bytes": sent.bytes,
                 "pause_phases": {k: round(v * 1000, 1) for k, v in pause.items()}, "vma_flags": m.vma_flags,
                 "lazy_pages": restored.get("lazy_pages", 0), "fill_seconds": committed.get("fill_seconds"),
