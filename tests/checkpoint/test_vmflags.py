@@ -80,3 +80,24 @@ def test_a_call_that_may_change_vma_flags_voids_the_file(target, call, where):
     p = target()
     kept, _ = flags_after(p, call, where)
     assert kept == []
+
+
+def test_reading_again_renews_a_file_the_guard_voided(target):
+    """A migration reads the flags when its pause draws near and again at the freeze: the
+    second read takes anew what changed in between, and nothing else."""
+    p = target()
+    with EarlyVmFlags([p.pid]) as flags:
+        flags.read()
+        first = (flags.dir / str(p.pid)).read_text()
+        p.stdin.write("dontfork main\n")
+        p.stdin.flush()
+        assert p.stdout.readline() == "done\n"
+        flags.read()
+        again = (flags.dir / str(p.pid)).read_text()
+        flags.read()  # nothing changed since: left as it is
+        p.send_signal(signal.SIGSTOP)
+        try:
+            assert flags.settle() == [p.pid]
+        finally:
+            p.send_signal(signal.SIGCONT)
+    assert " dc" not in first and " dc" in again  # MADV_DONTFORK's flag, read the second time

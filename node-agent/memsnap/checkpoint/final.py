@@ -35,14 +35,17 @@ from .vmflags import EarlyVmFlags
 
 def write(root: int, target: Path, parent: Path | None, selection: VmaSelection = VmaSelection(),
           leave_running: bool = False, on_freeze: Callable[[], None] | None = None,
-          untrack_later: list[Backend] | None = None, durable: bool = True) -> Path:
+          untrack_later: list[Backend] | None = None, durable: bool = True,
+          early_flags: EarlyVmFlags | None = None) -> Path:
     """With leave_running the tree stays frozen (in own_cgroup(root)) after a successful dump,
     for the caller to end or thaw (a migration ends it once the target runs it); otherwise
     memsnap kills it once the layer is committed (outside the freeze it reports). on_freeze() is called the moment the tree is frozen (where a pause starts).
     With leave_running and untrack_later, a successful write hands its trackers over in that
     list instead of closing them: closing walks every tracked page (smaps, unregister), which
     a migration does once the pause is over, and must do before it thaws the tree.
-    durable=False: not fsynced (see LayerWriter), for a layer that lives as long as a migration."""
+    durable=False: not fsynced (see LayerWriter), for a layer that lives as long as a migration.
+    early_flags: VMA flags read earlier (checkpoint/vmflags.py), brought up to date here and
+    closed when done; by default they are read while CRIU starts."""
     if parent is not None:
         # Links only: hashing the whole chain here would delay the freeze, and every page
         # written meanwhile lands in the final layer; restore checks every checksum.
@@ -56,7 +59,7 @@ def write(root: int, target: Path, parent: Path | None, selection: VmaSelection 
                 t.drop_target_fd()  # CRIU cannot dump a userfaultfd; our duplicate keeps tracking
             dump = _Dump(root, freezer, on_freeze)
             if parent is not None and _criu_takes_delta(parent, pids, trackers):
-                manifest = _dump_delta(dump, out, parent, trackers)
+                manifest = _dump_delta(dump, out, parent, trackers, early_flags or EarlyVmFlags([]))
             else:
                 manifest = _dump_whole(dump, pids, out, parent, trackers)
             layer = out.commit(manifest)
@@ -77,6 +80,9 @@ def write(root: int, target: Path, parent: Path | None, selection: VmaSelection 
         if procfs.alive(root):
             freezer.thaw()
         raise
+    finally:
+        if early_flags is not None:
+            early_flags.close()
 
 
 def _criu_takes_delta(parent: Path, pids: list[int], trackers: dict[int, Backend]) -> bool:
@@ -106,7 +112,8 @@ class _Dump:
         return procfs.image_ids(self.root, sorted(pids))  # CRIU names tasks by their pid in root's namespace
 
 
-def _dump_delta(dump: _Dump, out: LayerWriter, parent: Path, trackers: dict[int, Backend]) -> Manifest:
+def _dump_delta(dump: _Dump, out: LayerWriter, parent: Path, trackers: dict[int, Backend],
+                flags: EarlyVmFlags) -> Manifest:
     """CRIU writes the pages written since the parent and refers to the parent for the rest."""
     ids = dump.ids(trackers)
     holds = {pid: described_in(parent, ids[pid]) for pid in trackers}  # before the freeze: it waits for nobody
@@ -114,7 +121,7 @@ def _dump_delta(dump: _Dump, out: LayerWriter, parent: Path, trackers: dict[int,
     for pid, t in trackers.items():
         t.prepare_hand_over(holds[pid])  # while it runs: what is left for the freeze is small
     clock: _Phases | None = None
-    with EarlyVmFlags(sorted(trackers)) as flags:
+    with flags:
         early: list[int] = []
 
         def freeze_and_hand_over() -> None:  # CRIU is set up and waits for this
@@ -127,7 +134,8 @@ def _dump_delta(dump: _Dump, out: LayerWriter, parent: Path, trackers: dict[int,
 
         use_flags = criu.has_vmflags_dir()
         criu.dump_tracked(dump.root, out.dir, rel, dump.freezer.path, freeze_and_hand_over,
-                          flags.dir if use_flags else None, flags.read if use_flags else None)
+                          flags.dir if use_flags else None,
+                          (lambda: flags.read(sorted(trackers))) if use_flags else None)
         clock.mark("criu dump")
     frozen_for = clock.total()
     clock.split("criu dump", _memory_seconds(out.dir), "criu state dump", "memory delta")

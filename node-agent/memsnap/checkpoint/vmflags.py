@@ -91,8 +91,10 @@ class _Guard:
 
 
 class EarlyVmFlags:
-    """The VMA flags of pids, read before the freeze into a private directory for CRIU's
-    --vmflags-dir; settle() with the tasks frozen keeps only the files that still hold."""
+    """VMA flags read before the freeze into a private directory for CRIU's --vmflags-dir;
+    settle() with the tasks frozen keeps only the files that still hold. read() may come
+    early (a migration reads them when the pause draws near, out of its last round's way) and
+    again: it reads only what is not read yet or changed since."""
 
     def __init__(self, pids: list[int], under: Path | None = None):
         """under: where CRIU will see the files (the images directory, for a CRIU that runc
@@ -101,18 +103,26 @@ class EarlyVmFlags:
             under.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="memsnap-vmflags-", dir=under))  # 0700
         self.guards: dict[int, _Guard] = {}
-        self.pids = pids
+        self.pids = list(pids)
 
-    def read(self) -> None:
-        """Start each task's guard, then write its flags. A task that cannot be guarded
-        (no perf, no such trace events, too many threads) gets no file: CRIU reads smaps."""
+    def read(self, pids: list[int] | None = None) -> None:
+        """Start each task's guard, then write its flags; a task already read whose guard saw
+        nothing is left as it is, pids adds tasks. A task that cannot be guarded (no perf, no
+        such trace events, too many threads) gets no file: CRIU reads smaps."""
+        self.pids += [p for p in pids or [] if p not in self.pids]
         for pid in self.pids:
+            old = self.guards.get(pid)
+            if old is not None and old.held():
+                continue
+            if old is not None:
+                _close_aside([self.guards.pop(pid)])
             try:
                 self.guards[pid] = _Guard(pid)
                 lines = [f"{m.start:x}-{m.end:x} {' '.join(sorted(flags))}\n"
                          for m, flags in procfs.read_vmflags(pid)]
             except OSError as exc:
                 log.info("VMA flags of pid %d are left to CRIU (smaps): %s", pid, exc)
+                (self.dir / str(pid)).unlink(missing_ok=True)
                 continue
             (self.dir / str(pid)).write_text("".join(lines))
 
@@ -146,12 +156,16 @@ class EarlyVmFlags:
         period (~35 ms here), which is no business of the pause."""
         shutil.rmtree(self.dir, ignore_errors=True)
         guards, self.guards = list(self.guards.values()), {}
-        if guards:
-            threading.Thread(target=lambda: [g.close() for g in guards], daemon=True,
-                             name="vmflags-guard-close").start()
+        _close_aside(guards)
 
     def __enter__(self) -> EarlyVmFlags:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _close_aside(guards: list[_Guard]) -> None:
+    if guards:
+        threading.Thread(target=lambda: [g.close() for g in guards], daemon=True,
+                         name="vmflags-guard-close").start()

@@ -25,6 +25,7 @@ import aiohttp
 from .. import cgroupfs, containers, procfs
 from ..checkpoint import final, precopy
 from ..checkpoint.freezer import FreezeError, frozen_by_us
+from ..checkpoint.vmflags import EarlyVmFlags
 from ..images.layer import read_manifest
 from ..kernel.pagemap import PAGE_SIZE
 from ..tracking import TrackingError, VmaSelection, registry
@@ -75,6 +76,7 @@ class SourceMigration:
         self.created_on_target = False
         self.layers: list[Path] = []
         self.untrack: list = []  # the final layer's trackers, closed once the pause is over
+        self.vmflags: EarlyVmFlags | None = None  # read once the pause draws near; final.write closes them
         self.transferred = 0
         self.converged_because = "stop-and-copy: no pre-copy"
 
@@ -132,6 +134,11 @@ class SourceMigration:
             if decision.action == "fail":
                 raise MigrationError(decision.reason)
             await self._apply_throttle(decision)
+            if self.vmflags is None and r.predicted_downtime_ms <= 2 * self.req.policy.max_downtime_ms:
+                # The pause draws near: the VMA flags are read now (smaps walks every page, ~80 ms
+                # at 4 GiB), out of the way of the last round; their guard watches until the freeze.
+                self.vmflags = EarlyVmFlags([self.root] + procfs.descendants(self.root))
+                await self._blocking(self.vmflags.read)
 
     async def _write_layer(self) -> tuple[Path, float]:
         name = f"l{len(self.layers)}"
@@ -171,9 +178,10 @@ class SourceMigration:
         marks: dict[str, float] = {}
         t0 = time.monotonic()
         parent = self.layers[-1] if self.layers else None  # none: stop-and-copy
+        flags, self.vmflags = self.vmflags, None  # final.write closes them
         layer = await self._blocking(final.write, self.root, self.out / "final", parent,
                                      VmaSelection(), True, lambda: marks.update(frozen=time.monotonic(), frozen_wall=time.time()),
-                                     self.untrack, False)
+                                     self.untrack, False, flags)
         frozen_at = marks.get("frozen", t0)
         m = read_manifest(layer)
         pause.update(m.phases)
@@ -238,6 +246,8 @@ class SourceMigration:
             except Exception as e:  # noqa: BLE001 - the target's lease removes it anyway
                 log.warning("could not tell %s to drop migration %s: %s", self.req.target, self.req.id, e)
         await self._blocking(self._untrack)  # before the thaw, as final.write does on failure
+        if self.vmflags is not None:
+            self.vmflags.close()
         await self._blocking(_restore_source, self.root, self.starttime, self.throttle)
         shutil.rmtree(self.out, ignore_errors=True)
 
