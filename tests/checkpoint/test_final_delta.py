@@ -47,6 +47,16 @@ for e in entries:
                  if base <= e["vaddr"] + i * ps < base + size]
 print(json.dumps(sorted(held)))
 """
+# Pages a layer's pagemap holds data for (PE_PRESENT), and pages it describes (with PE_PARENT).
+COUNTS = """
+import glob, json, sys, pycriu.images
+held = described = 0
+for path in glob.glob(sys.argv[1] + "/pagemap-*.img"):
+    head, *entries = pycriu.images.load(open(path, "rb"))["entries"]
+    held += sum(e["nr_pages"] for e in entries if e.get("flags", 4) & 4)
+    described += sum(e["nr_pages"] for e in entries if e.get("flags", 4) & 5)
+print(json.dumps([held, described]))
+"""
 # final.write with the tracker's hand-over broken (fault injection: the rest is real), while
 # CRIU waits in its pre-dump action for the tree to be frozen and handed over.
 BROKEN_HAND_OVER = """
@@ -90,6 +100,8 @@ def test_criu_writes_only_the_pages_written_since_the_last_layer(wl):
     assert "--track-mem-uffd" in manifest["how"]
     assert held_pages(w, "final") == written  # exactly the pages written since l3, in the region
     assert manifest["dirty_pages"]["criu_in_tracked"] == manifest["dirty_pages"]["tracker"]
+    # what the manifest says (from CRIU's stats) is what the pagemaps hold
+    assert json.loads(sh(f"python3 -c '{COUNTS}' {BASE}/final").stdout) == [manifest["pages"], manifest["described_pages"]]
     assert final["pages"] < full["pages"] / 20
     assert set(manifest["phases"]) >= {"freeze", "collect", "criu state dump", "memory delta"}
     assert not w.alive()

@@ -59,7 +59,8 @@ def write(root: int, target: Path, parent: Path | None, selection: VmaSelection 
                 t.drop_target_fd()  # CRIU cannot dump a userfaultfd; our duplicate keeps tracking
             dump = _Dump(root, freezer, on_freeze)
             if parent is not None and _criu_takes_delta(parent, pids, trackers):
-                manifest = _dump_delta(dump, out, parent, trackers, early_flags or EarlyVmFlags([]))
+                manifest = _dump_delta(dump, out, parent, trackers, early_flags or EarlyVmFlags([]),
+                                       cross_check=not leave_running)
             else:
                 manifest = _dump_whole(dump, pids, out, parent, trackers)
             layer = out.commit(manifest)
@@ -113,8 +114,11 @@ class _Dump:
 
 
 def _dump_delta(dump: _Dump, out: LayerWriter, parent: Path, trackers: dict[int, Backend],
-                flags: EarlyVmFlags) -> Manifest:
-    """CRIU writes the pages written since the parent and refers to the parent for the rest."""
+                flags: EarlyVmFlags, cross_check: bool) -> Manifest:
+    """CRIU writes the pages written since the parent and refers to the parent for the rest.
+    cross_check: the manifest's dirty_pages compares the tracker's count of written pages
+    with the pages CRIU wrote in tracked memory; both walk what was written, which a
+    migration, whose tree stays frozen until the target runs, leaves out of its pause."""
     ids = dump.ids(trackers)
     holds = {pid: described_in(parent, ids[pid]) for pid in trackers}  # before the freeze: it waits for nobody
     rel = out.link_parent(parent)
@@ -138,19 +142,21 @@ def _dump_delta(dump: _Dump, out: LayerWriter, parent: Path, trackers: dict[int,
                           (lambda: flags.read(sorted(trackers))) if use_flags else None)
         clock.mark("criu dump")
     frozen_for = clock.total()
-    clock.split("criu dump", _memory_seconds(out.dir), "criu state dump", "memory delta")
-    written = sum(t.written().pages for t in trackers.values())  # still frozen, past the dump
-    tracked = {ids[pid]: ranges_of(t.tracked) for pid, t in trackers.items()}
-    pages, described, written_tracked = _summary(out.dir, tracked)
+    stats = criu.dump_stats(out.dir)
+    clock.split("criu dump", _memory_seconds(stats), "criu state dump", "memory delta")
+    pages = stats.get("pages_written", 0) + stats.get("pages_lazy", 0)
+    described = pages + stats.get("pages_skipped_parent", 0)  # the in-parent entries' pages
+    dirty: dict[str, int] = {}
+    if cross_check:
+        tracked = {ids[pid]: ranges_of(t.tracked) for pid, t in trackers.items()}
+        dirty = {"tracker": sum(t.written().pages for t in trackers.values()),  # still frozen, past the dump
+                 "criu_in_tracked": _written_in(out.dir, tracked)}
     return Manifest(kind="final", parent=rel, pids=sorted(trackers), backend="uffd-wp+criu",
                     pages=pages, bytes=pages * PAGE, described_pages=described,
                     freeze_seconds=round(frozen_for, 6),
                     how="criu --track-mem-uffd: CRIU wrote the pages the tracker saw written since "
                         "the parent, and in-parent entries for the rest",
-                    phases=clock.phases,
-                    dirty_pages={"tracker": written,
-                                 "criu_in_tracked": written_tracked},
-                    vma_flags=flags.describe(list(trackers), early))
+                    phases=clock.phases, dirty_pages=dirty, vma_flags=flags.describe(list(trackers), early))
 
 
 def _dump_whole(dump: _Dump, pids: list[int], out: LayerWriter, parent: Path | None,
@@ -176,22 +182,16 @@ def _dump_whole(dump: _Dump, pids: list[int], out: LayerWriter, parent: Path | N
                     else "criu dump (no chain)", phases=clock.phases)
 
 
-def _memory_seconds(directory: Path) -> float:
+def _memory_seconds(stats: dict[str, int]) -> float:
     """How long CRIU spent on memory (finding, reading and writing pages), from its stats:
     memdump_time, which includes memwrite_time (pages are written chunk by chunk within it)."""
-    return criu.dump_stats(directory).get("memdump_time", 0) / 1e6
+    return stats.get("memdump_time", 0) / 1e6
 
 
-def _summary(directory: Path, tracked: dict[int, PageRanges]) -> tuple[int, int, int]:
-    """Pages CRIU wrote, pages its pagemaps describe, and pages it wrote inside tracked memory."""
-    pages = described = in_tracked = 0
-    for pid in cf.pagemap_pids(directory):
-        pagemap = cf.read_pagemap(directory / f"pagemap-{pid}.img")
-        present = PageRanges(pagemap.pages(cf.PE_PRESENT))
-        pages += present.pages
-        described += PageRanges(pagemap.pages(cf.PE_PRESENT | cf.PE_PARENT)).pages
-        in_tracked += present.intersection(tracked.get(pid, PageRanges())).pages
-    return pages, described, in_tracked
+def _written_in(directory: Path, tracked: dict[int, PageRanges]) -> int:
+    """Pages CRIU wrote inside tracked memory."""
+    return sum(PageRanges(cf.read_pagemap(directory / f"pagemap-{pid}.img").pages(cf.PE_PRESENT))
+               .intersection(tracked.get(pid, PageRanges())).pages for pid in cf.pagemap_pids(directory))
 
 
 class _Phases:
