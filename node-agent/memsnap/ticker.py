@@ -4,7 +4,9 @@ counter, a tick every millisecond, and a self-check. Standard library only.
     python3 -m memsnap.ticker [--mib N] [--rate PAGES_PER_S] [--report FILE]
 
 Page i holds (i, version[i]) in its first 16 bytes and a filler made from i; each tick writes
-the pages due at RATE pages/s (bumping their version). On SIGUSR1 it checks every page against
+the pages due at RATE pages/s (bumping their version). Held up (a pre-copy round competing for
+the CPU, the pause), it makes up for at most MAX_BEHIND seconds: it goes on at its rate rather
+than writing a burst of what a long stall left due. On SIGUSR1 it checks every page against
 what it must hold and writes one JSON line to FILE (atomically): ok, bad_pages, writes, the
 longest gap between two ticks (the pause the workload felt, by the wall clock: CRIU
 restores a PID namespace's monotonic clock as it was at the dump, hiding the pause), its
@@ -27,6 +29,7 @@ from array import array
 
 PAGE = mmap.PAGESIZE
 HEADER = struct.Struct("<QQ")
+MAX_BEHIND = 0.1  # seconds of writes a held-up ticker makes up for
 
 
 def filler(i: int) -> bytes:
@@ -75,18 +78,20 @@ def main() -> None:
     signal.signal(signal.SIGUSR1, lambda *_: wanted.__setitem__("check", True))
     signal.signal(signal.SIGUSR2, lambda *_: wanted.__setitem__("reset", True))
     _report(args.report, {"ready": True, "pages": memory.pages})
-    began = last = time.time()
-    longest = 0.0
+    last = time.time()
+    longest, owed = 0.0, 0.0
     while True:
         time.sleep(0.001)
         now = time.time()
-        longest = max(longest, now - last)
-        last = now
+        elapsed, last = now - last, now
+        longest = max(longest, elapsed)
         if timeline is not None:
             timeline.add(now, memory.writes)
         if args.rate > 0:
-            while memory.writes < (now - began) * args.rate:
+            owed = min(owed + elapsed * args.rate, args.rate * MAX_BEHIND + 1)
+            while owed >= 1:
                 memory.write_next()
+                owed -= 1
         else:  # CPU-bound: what it dirties is what the CPU it gets allows (auto-converge's case)
             while time.time() - now < 0.0009:
                 memory.write_next()
