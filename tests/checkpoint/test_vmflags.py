@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from memsnap.checkpoint.vmflags import EarlyVmFlags
+from memsnap.checkpoint.vmflags import EarlyVmFlags  # wanted=True: this host has no CRIU to ask
 
 # A process that runs one call on request, in its main thread or in a new one.
 TARGET = r"""
@@ -51,7 +51,7 @@ def target():
 
 
 def flags_after(p, call: str, where: str = "main") -> tuple[list[int], str]:
-    with EarlyVmFlags([p.pid]) as flags:
+    with EarlyVmFlags([p.pid], wanted=True) as flags:
         flags.read()
         written = (flags.dir / str(p.pid)).read_text()
         p.stdin.write(f"{call} {where}\n")
@@ -86,7 +86,7 @@ def test_reading_again_renews_a_file_the_guard_voided(target):
     """A migration reads the flags when its pause draws near and again at the freeze: the
     second read takes anew what changed in between, and nothing else."""
     p = target()
-    with EarlyVmFlags([p.pid]) as flags:
+    with EarlyVmFlags([p.pid], wanted=True) as flags:
         flags.read()
         first = (flags.dir / str(p.pid)).read_text()
         p.stdin.write("dontfork main\n")

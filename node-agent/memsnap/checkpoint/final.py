@@ -46,6 +46,16 @@ def write(root: int, target: Path, parent: Path | None, selection: VmaSelection 
     durable=False: not fsynced (see LayerWriter), for a layer that lives as long as a migration.
     early_flags: VMA flags read earlier (checkpoint/vmflags.py), brought up to date here and
     closed when done; by default they are read while CRIU starts."""
+    flags = early_flags or EarlyVmFlags([])
+    try:
+        return _write(root, target, parent, selection, leave_running, on_freeze, untrack_later, durable, flags)
+    finally:
+        flags.close()
+
+
+def _write(root: int, target: Path, parent: Path | None, selection: VmaSelection, leave_running: bool,
+           on_freeze: Callable[[], None] | None, untrack_later: list[Backend] | None, durable: bool,
+           flags: EarlyVmFlags) -> Path:
     if parent is not None:
         # Links only: hashing the whole chain here would delay the freeze, and every page
         # written meanwhile lands in the final layer; restore checks every checksum.
@@ -59,8 +69,7 @@ def write(root: int, target: Path, parent: Path | None, selection: VmaSelection 
                 t.drop_target_fd()  # CRIU cannot dump a userfaultfd; our duplicate keeps tracking
             dump = _Dump(root, freezer, on_freeze)
             if parent is not None and _criu_takes_delta(parent, pids, trackers):
-                manifest = _dump_delta(dump, out, parent, trackers, early_flags or EarlyVmFlags([]),
-                                       cross_check=not leave_running)
+                manifest = _dump_delta(dump, out, parent, trackers, flags, cross_check=not leave_running)
             else:
                 manifest = _dump_whole(dump, pids, out, parent, trackers)
             layer = out.commit(manifest)
@@ -81,9 +90,6 @@ def write(root: int, target: Path, parent: Path | None, selection: VmaSelection 
         if procfs.alive(root):
             freezer.thaw()
         raise
-    finally:
-        if early_flags is not None:
-            early_flags.close()
 
 
 def _criu_takes_delta(parent: Path, pids: list[int], trackers: dict[int, Backend]) -> bool:
@@ -125,22 +131,19 @@ def _dump_delta(dump: _Dump, out: LayerWriter, parent: Path, trackers: dict[int,
     for pid, t in trackers.items():
         t.prepare_hand_over(holds[pid])  # while it runs: what is left for the freeze is small
     clock: _Phases | None = None
-    with flags:
-        early: list[int] = []
+    early: list[int] = []
 
-        def freeze_and_hand_over() -> None:  # CRIU is set up and waits for this
-            nonlocal clock, early
-            clock = dump.freeze()
-            early = flags.settle()
-            for pid, t in trackers.items():
-                t.hand_over(holds[pid])
-            clock.mark("collect")
+    def freeze_and_hand_over() -> None:  # CRIU is set up and waits for this
+        nonlocal clock, early
+        clock = dump.freeze()
+        early = flags.settle()
+        for pid, t in trackers.items():
+            t.hand_over(holds[pid])
+        clock.mark("collect")
 
-        use_flags = criu.has_vmflags_dir()
-        criu.dump_tracked(dump.root, out.dir, rel, dump.freezer.path, freeze_and_hand_over,
-                          flags.dir if use_flags else None,
-                          (lambda: flags.read(sorted(trackers))) if use_flags else None)
-        clock.mark("criu dump")
+    criu.dump_tracked(dump.root, out.dir, rel, dump.freezer.path, freeze_and_hand_over,
+                      flags.dir if flags.wanted else None, lambda: flags.read(sorted(trackers)))
+    clock.mark("criu dump")
     frozen_for = clock.total()
     stats = criu.dump_stats(out.dir)
     clock.split("criu dump", _memory_seconds(stats), "criu state dump", "memory delta")

@@ -96,9 +96,12 @@ class EarlyVmFlags:
     early (a migration reads them when the pause draws near, out of its last round's way) and
     again: it reads only what is not read yet or changed since."""
 
-    def __init__(self, pids: list[int], under: Path | None = None):
+    def __init__(self, pids: list[int], under: Path | None = None, wanted: bool | None = None):
         """under: where CRIU will see the files (the images directory, for a CRIU that runc
-        starts in the node's mount namespace); a private temporary directory by default."""
+        starts in the node's mount namespace); a private temporary directory by default.
+        wanted: whether to read them at all; by default, whether this node's CRIU takes them
+        (patch 0009): otherwise read() does nothing and CRIU reads smaps."""
+        self.wanted = criu.has_vmflags_dir() if wanted is None else wanted
         if under is not None:
             under.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.dir = Path(tempfile.mkdtemp(prefix="memsnap-vmflags-", dir=under))  # 0700
@@ -109,6 +112,8 @@ class EarlyVmFlags:
         """Start each task's guard, then write its flags; a task already read whose guard saw
         nothing is left as it is, pids adds tasks. A task that cannot be guarded (no perf, no
         such trace events, too many threads) gets no file: CRIU reads smaps."""
+        if not self.wanted:
+            return
         self.pids += [p for p in pids or [] if p not in self.pids]
         for pid in self.pids:
             old = self.guards.get(pid)
@@ -140,7 +145,7 @@ class EarlyVmFlags:
 
     def criu_options(self) -> list[str]:
         """For runc's CRIU configuration file; none if this CRIU lacks patch 0009."""
-        return [f"vmflags-dir {self.dir}"] if criu.has_vmflags_dir() else []
+        return [f"vmflags-dir {self.dir}"] if self.wanted else []
 
     def describe(self, pids: list[int], kept: list[int]) -> str:
         """Where CRIU took the VMA flags of pids from, given settle()'s answer."""
